@@ -1,0 +1,50 @@
+"""opd_ref: the math of on-policy distillation for flow-matching diffusion models.
+
+Every derivation of DESIGN.md §2 is implemented once here; ``toys`` and ``scale`` import it.
+Conventions: ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``, sampling runs
+sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims.
+"""
+
+from opd_ref.divergences import (
+    cps_log_prob_flowgrpo,
+    diag_gaussian_kl,
+    flowgrpo_step_kl,
+    gaussian_log_prob,
+    gaussian_log_prob_dim_mean,
+    same_cov_kl,
+)
+from opd_ref.kernels import (
+    GaussianStep,
+    cps_kl_coefficient,
+    cps_step,
+    ode_step,
+    sde_kl_coefficient,
+    sde_std_t,
+    sde_step,
+    sigma_to_t,
+    t_to_sigma,
+)
+from opd_ref.losses import ode_matching_loss, opd_kl_loss, ppo_surrogate_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianStep",
+    "sde_step",
+    "cps_step",
+    "ode_step",
+    "sde_std_t",
+    "sde_kl_coefficient",
+    "cps_kl_coefficient",
+    "sigma_to_t",
+    "t_to_sigma",
+    "gaussian_log_prob",
+    "gaussian_log_prob_dim_mean",
+    "cps_log_prob_flowgrpo",
+    "same_cov_kl",
+    "diag_gaussian_kl",
+    "flowgrpo_step_kl",
+    "opd_kl_loss",
+    "ode_matching_loss",
+    "ppo_surrogate_loss",
+]

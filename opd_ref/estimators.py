@@ -1,0 +1,246 @@
+r"""Gradient estimators of the per-step reverse KL and their exact conditional moments (D5, D6).
+
+Setting: at a fixed state ``x`` the student's kernel is :math:`\mathcal N(\mu_\theta, s^2 I)`, the
+teacher's :math:`\mathcal N(\mu_T, s^2 I)`; the action is :math:`x' = \mu_\theta + s\varepsilon`,
+:math:`\varepsilon\sim\mathcal N(0, I)`.  With :math:`J = \partial\mu_\theta/\partial\theta` (``D x P``),
+:math:`\delta = (\mu_\theta - \mu_T)/s` and :math:`\mathrm{KL} = \|\delta\|^2/2`, every estimator
+below has conditional mean :math:`\nabla_\theta\mathrm{KL} = J^\top\delta/s` and
+
+============  =========================================================  ==========================================
+estimator     per-sample gradient                                         conditional covariance
+============  =========================================================  ==========================================
+pathwise      :math:`J^\top\delta/s`                                      :math:`0`
+ppo           :math:`J^\top\delta/s + \mathrm{KL}\,J^\top\varepsilon/s`   :math:`\mathrm{KL}^2 J^\top J/s^2`
+k1            :math:`(\mathrm{KL}+\delta^\top\varepsilon) J^\top\varepsilon/s`  :math:`J^\top((\mathrm{KL}^2+2\mathrm{KL})I+\delta\delta^\top)J/s^2`
+vopd          :math:`(\delta^\top\varepsilon)\, J^\top\varepsilon/s`      :math:`J^\top(2\mathrm{KL}\,I+\delta\delta^\top)J/s^2`
+============  =========================================================  ==========================================
+
+The surrogate functions return ``(B,)`` losses whose autograd gradient (per sample) *is* the
+estimator; :func:`analytic_moments` gives the closed-form means and covariances (Isserlis' theorem).
+
+Notation map: ``delta`` = :math:`\delta`, ``J`` = :math:`J`, ``s`` = step std, ``eps`` = :math:`\varepsilon`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from opd_ref._checks import check_same_shape, check_tensor
+from opd_ref.divergences import gaussian_log_prob, same_cov_kl
+from opd_ref.kernels import GaussianStep
+from opd_ref.losses import opd_kl_loss, ppo_surrogate_loss
+
+__all__ = [
+    "ESTIMATORS",
+    "pathwise_surrogate",
+    "ppo_kl_surrogate",
+    "k1_surrogate",
+    "vopd_surrogate",
+    "estimator_surrogate",
+    "analytic_moments",
+    "per_sample_grads",
+]
+
+ESTIMATORS: Tuple[str, ...] = ("pathwise", "ppo", "k1", "vopd")
+
+
+def _check(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor | None = None) -> None:
+    if not isinstance(student, GaussianStep):
+        raise TypeError(f"student must be a GaussianStep, got {type(student).__name__}")
+    check_tensor("teacher_mean", teacher_mean)
+    check_same_shape("student.mean", student.mean, "teacher_mean", teacher_mean)
+    if x_next is not None:
+        check_tensor("x_next", x_next)
+        check_same_shape("student.mean", student.mean, "x_next", x_next)
+
+
+def pathwise_surrogate(student: GaussianStep, teacher_mean: Tensor) -> Tensor:
+    r"""Pathwise estimator: the closed-form KL itself, :math:`\ell = \|\mu_\theta-\mu_T\|^2/(2s^2)`.
+
+    Args:
+        student: student kernel at ``x`` (mean with grad).
+        teacher_mean: ``(B, *event)``.
+
+    Returns:
+        ``(B,)`` whose gradient is :math:`J^\top\delta/s`.
+
+    Reference: ``diffusionopd``.
+    """
+    _check(student, teacher_mean)
+    return opd_kl_loss(student, teacher_mean)
+
+
+def ppo_kl_surrogate(
+    student: GaussianStep, teacher_mean: Tensor, x_next: Tensor, clip_range: float | None = None
+) -> Tensor:
+    r"""PPO-OPD: PPO surrogate with dense advantage :math:`A = -\mathrm{KL}_\theta(x)` (not detached),
+    evaluated at :math:`\theta = \theta_{old}` (ratio 1).
+
+    .. math::
+        \nabla\ell_{PPO} = \nabla\mathrm{KL} + \mathrm{KL}\,\nabla\log\pi_\theta(x'|x)
+
+    Args:
+        student: student kernel (mean with grad).
+        teacher_mean: ``(B, *event)``.
+        x_next: ``(B, *event)`` the sampled action (detached inside).
+        clip_range: PPO epsilon or ``None``; at ratio 1 clipping never binds.
+
+    Returns:
+        ``(B,)``.
+
+    Reference: ``diffusionopd`` (PPO baseline), ``flowgrpo``.
+    """
+    _check(student, teacher_mean, x_next)
+    log_prob = gaussian_log_prob(x_next.detach(), student)
+    advantage = -opd_kl_loss(student, teacher_mean)
+    return ppo_surrogate_loss(log_prob, log_prob.detach(), advantage, clip_range)
+
+
+def _log_ratio(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
+    """Detached sampled log-ratio log pi_s(x') - log pi_T(x') (same std)."""
+    with torch.no_grad():
+        teacher = GaussianStep(teacher_mean.detach(), student.std.detach())
+        student_d = student.detach()
+        return gaussian_log_prob(x_next, student_d) - gaussian_log_prob(x_next, teacher)
+
+
+def k1_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
+    r"""k1 REINFORCE (LLM-style OPD): advantage :math:`-(\log\pi_\theta - \log\pi_T)(x')`, detached.
+
+    .. math::
+        \ell = (\log\pi_\theta(x') - \log\pi_T(x'))_{\mathrm{sg}}\,\log\pi_\theta(x'|x),
+        \qquad \nabla\ell = (\mathrm{KL} + \delta^\top\varepsilon)\,J^\top\varepsilon/s
+
+    Args:
+        student: student kernel (mean with grad).
+        teacher_mean: ``(B, *event)``.
+        x_next: ``(B, *event)`` sampled action.
+
+    Returns:
+        ``(B,)``.
+
+    Reference: ``tm-opd`` (per-token reverse KL with the k1 estimator).
+    """
+    _check(student, teacher_mean, x_next)
+    log_prob = gaussian_log_prob(x_next.detach(), student)
+    return _log_ratio(student, teacher_mean, x_next.detach()) * log_prob
+
+
+def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
+    r"""vOPD: k1 with its closed-form value as control variate, advantage
+    :math:`-(\log\pi_\theta-\log\pi_T)(x') + \mathrm{KL}`, detached.
+
+    .. math::
+        \nabla\ell = (\delta^\top\varepsilon)\,J^\top\varepsilon/s
+
+    Args:
+        student: student kernel (mean with grad).
+        teacher_mean: ``(B, *event)``.
+        x_next: ``(B, *event)`` sampled action.
+
+    Returns:
+        ``(B,)``.
+
+    Reference: ``vopd``.
+    """
+    _check(student, teacher_mean, x_next)
+    log_prob = gaussian_log_prob(x_next.detach(), student)
+    with torch.no_grad():
+        kl = same_cov_kl(student.mean.detach(), teacher_mean.detach(), student.std.detach())
+    return (_log_ratio(student, teacher_mean, x_next.detach()) - kl) * log_prob
+
+
+def estimator_surrogate(
+    name: str, student: GaussianStep, teacher_mean: Tensor, x_next: Tensor | None = None
+) -> Tensor:
+    """Dispatch to the surrogate named ``name`` (one of :data:`ESTIMATORS`).
+
+    Args:
+        name: ``"pathwise"``, ``"ppo"``, ``"k1"`` or ``"vopd"``.
+        student, teacher_mean, x_next: as in the individual surrogates (``x_next`` unused by pathwise).
+
+    Returns:
+        ``(B,)`` surrogate loss.
+
+    Reference: ``diffusionopd``, ``tm-opd``, ``vopd``.
+    """
+    if name == "pathwise":
+        return pathwise_surrogate(student, teacher_mean)
+    if x_next is None:
+        raise ValueError(f"estimator {name!r} needs the sampled action x_next")
+    if name == "ppo":
+        return ppo_kl_surrogate(student, teacher_mean, x_next)
+    if name == "k1":
+        return k1_surrogate(student, teacher_mean, x_next)
+    if name == "vopd":
+        return vopd_surrogate(student, teacher_mean, x_next)
+    raise ValueError(f"name must be one of {ESTIMATORS}, got {name!r}")
+
+
+def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, Tuple[Tensor, Tensor]]:
+    r"""Exact conditional mean and covariance of each estimator given the state (D6).
+
+    .. math::
+        \mathbb E[g] = J^\top\delta/s,\quad
+        \mathrm{Cov}_{ppo} = \frac{\mathrm{KL}^2}{s^2}J^\top J,\quad
+        \mathrm{Cov}_{k1} = \frac{J^\top((\mathrm{KL}^2+2\mathrm{KL})I+\delta\delta^\top)J}{s^2},\quad
+        \mathrm{Cov}_{vopd} = \frac{J^\top(2\mathrm{KL}\,I+\delta\delta^\top)J}{s^2}
+
+    Args:
+        J: ``(D, P)`` Jacobian of the student mean w.r.t. the parameters.
+        delta: ``(D,)`` standardised mean gap ``(mu_theta - mu_T) / s``.
+        s: positive step std (float or 0-d tensor).
+
+    Returns:
+        dict ``name -> (mean (P,), cov (P, P))`` for every name in :data:`ESTIMATORS`.
+
+    Reference: ``diffusionopd`` (variance argument), ``vopd``; Isserlis' theorem.
+    """
+    J = check_tensor("J", J, min_dim=2)
+    delta = check_tensor("delta", delta)
+    if J.dim() != 2 or delta.dim() != 1 or J.shape[0] != delta.shape[0]:
+        raise ValueError(f"J must be (D, P) and delta (D,), got {tuple(J.shape)} and {tuple(delta.shape)}")
+    s_t = torch.as_tensor(s, dtype=J.dtype, device=J.device)
+    if s_t.dim() != 0 or not bool(torch.isfinite(s_t)) or not bool(s_t > 0):
+        raise ValueError(f"s must be a positive finite scalar, got {s!r}")
+    kl = 0.5 * (delta @ delta)
+    mean = J.T @ delta / s_t
+    JtJ = J.T @ J
+    Jd = J.T @ delta
+    outer = torch.outer(Jd, Jd)
+    zero = torch.zeros_like(JtJ)
+    return {
+        "pathwise": (mean, zero),
+        "ppo": (mean, kl**2 * JtJ / s_t**2),
+        "k1": (mean, ((kl**2 + 2 * kl) * JtJ + outer) / s_t**2),
+        "vopd": (mean, (2 * kl * JtJ + outer) / s_t**2),
+    }
+
+
+def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Gradient of each entry of a ``(B,)`` loss w.r.t. ``params``, flattened and concatenated.
+
+    Args:
+        loss: ``(B,)`` per-sample losses built from ``params`` (each sample's graph may share params).
+        params: parameters (leaf tensors with ``requires_grad``).
+
+    Returns:
+        ``(B, P)`` per-sample gradients, ``P`` the total number of parameter entries.
+
+    Reference: used by the D5/D6 tests and figures.
+    """
+    loss = check_tensor("loss", loss)
+    if loss.dim() != 1:
+        raise ValueError(f"loss must have shape (B,), got {tuple(loss.shape)}")
+    params = list(params)
+    rows = []
+    for i in range(loss.shape[0]):
+        grads = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)
+        ]))
+    return torch.stack(rows)
+

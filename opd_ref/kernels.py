@@ -1,0 +1,347 @@
+r"""Flow-matching transition kernels with state-independent covariance (derivation D2).
+
+Notation map (paper symbol -> name here): :math:`x_\sigma` -> ``x``, :math:`v_\theta(x_\sigma,\sigma)`
+-> ``v``, :math:`\sigma_{t}` -> ``sigma``, :math:`\sigma_{t-1}` (the next, smaller noise level) ->
+``sigma_next``, noise level :math:`a` (Flow-GRPO's ``noise_level`` / :math:`\eta` in CPS) ->
+``noise_level``, :math:`\Delta t = \sigma_{next} - \sigma < 0` -> ``dt``.
+
+Convention (DESIGN.md §1): ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``,
+sampling runs sigma: 1 -> 0.  Every kernel is Gaussian ``N(mean(x, v), std^2 I)`` whose std does not
+depend on the state or on the model, so student and teacher kernels taken at the same state share
+their covariance and their KL is closed form (D1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from opd_ref._checks import (
+    SigmaLike,
+    as_batch_tensor,
+    check_nonneg,
+    check_same_shape,
+    check_sigma_pair,
+    check_tensor,
+)
+
+__all__ = [
+    "GaussianStep",
+    "sde_step",
+    "cps_step",
+    "ode_step",
+    "sde_std_t",
+    "sde_kl_coefficient",
+    "cps_kl_coefficient",
+    "sigma_to_t",
+    "t_to_sigma",
+]
+
+
+@dataclass(frozen=True)
+class GaussianStep:
+    r"""A Gaussian transition kernel :math:`\mathcal N(\mathrm{mean}, \mathrm{std}^2 I)`.
+
+    Args:
+        mean: ``(B, *event)`` kernel mean.
+        std: standard deviation broadcastable to ``mean`` (typically ``(B, 1, ..., 1)``); it may be
+            zero (a deterministic step), in which case the step has no density.
+
+    Reference: ``diffusionopd`` (Gaussian transition kernels of the SDE sampler).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __post_init__(self) -> None:
+        check_tensor("GaussianStep.mean", self.mean)
+        check_tensor("GaussianStep.std", self.std, min_dim=0)
+        try:
+            shape = torch.broadcast_shapes(self.std.shape, self.mean.shape)
+        except RuntimeError:
+            shape = None
+        if shape != self.mean.shape:
+            raise ValueError(
+                f"GaussianStep.std must be broadcastable to mean's shape {tuple(self.mean.shape)}, "
+                f"got {tuple(self.std.shape)}"
+            )
+        if not bool((self.std >= 0).all()):
+            raise ValueError(f"GaussianStep.std must be >= 0, got min {float(self.std.min()):.3g}")
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        r"""Reparameterised sample :math:`x' = \mathrm{mean} + \mathrm{std}\,\varepsilon`,
+        :math:`\varepsilon \sim \mathcal N(0, I)` drawn with ``generator``; gradients flow to
+        ``mean`` and ``std``.
+
+        Returns:
+            ``(B, *event)`` tensor.
+        """
+        eps = torch.randn(
+            self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device
+        )
+        return self.mean + self.std * eps
+
+    def detach(self) -> "GaussianStep":
+        """The same kernel with mean and std cut from the autograd graph."""
+        return GaussianStep(self.mean.detach(), self.std.detach())
+
+
+def _prepare(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, allow_one: bool):
+    x = check_tensor("x", x)
+    v = check_tensor("v", v)
+    check_same_shape("x", x, "v", v)
+    s = as_batch_tensor("sigma", sigma, x)
+    sn = as_batch_tensor("sigma_next", sigma_next, x)
+    check_sigma_pair(s, sn, allow_one=allow_one)
+    return x, v, s, sn
+
+
+def ode_step(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+    r"""Deterministic Euler step of the probability-flow ODE (the diffusers Euler step).
+
+    .. math::
+        x' = x + (\sigma' - \sigma)\, v
+
+    Args:
+        x: ``(B, *event)`` state at noise level ``sigma``.
+        v: ``(B, *event)`` velocity ``v(x, sigma)``.
+        sigma: float or ``(B,)`` in ``(0, 1]``.
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+
+    Returns:
+        ``(B, *event)`` next state.
+
+    Reference: ``flowgrpo`` (a = 0 limit), diffusers ``FlowMatchEulerDiscreteScheduler.step``.
+    """
+    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=True)
+    return x + (sn - s) * v
+
+
+def sde_std_t(
+    sigma: Tensor,
+    noise_level: Tensor,
+    *,
+    sigma_next: Optional[Tensor] = None,
+    sigma_one: Literal["error", "flowgrpo"] = "error",
+) -> Tensor:
+    r"""Flow-GRPO's diffusion coefficient :math:`\sigma_t^{\mathrm{SDE}} = a\sqrt{\sigma/(1-\sigma)}`.
+
+    With ``sigma_one="flowgrpo"`` the denominator uses ``sigma_next`` where ``sigma == 1`` (the
+    public code uses the next grid sigma ``sigmas[1]``), which keeps the first step finite.
+
+    Args:
+        sigma: broadcastable tensor of noise levels.
+        noise_level: broadcastable tensor ``a >= 0``.
+        sigma_next: required for ``sigma_one="flowgrpo"``.
+        sigma_one: ``"error"`` (sigma must be < 1) or ``"flowgrpo"``.
+
+    Returns:
+        Tensor of ``std_t`` broadcast like ``sigma``.
+
+    Reference: ``flowgrpo`` (SDE sampler, eq. for the marginal-preserving SDE).
+    """
+    if sigma_one == "flowgrpo":
+        if sigma_next is None:
+            raise ValueError("sde_std_t: sigma_one='flowgrpo' needs sigma_next")
+        denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
+    elif sigma_one == "error":
+        if bool((sigma >= 1.0).any()):
+            raise ValueError(
+                "sigma must lie in (0, 1) for the SDE kernel (std_t is infinite at sigma = 1); "
+                "pass sigma_one='flowgrpo' to opt into Flow-GRPO's convention"
+            )
+        denom_sigma = sigma
+    else:
+        raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
+    return noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
+    noise_level: SigmaLike,
+    *,
+    sigma_one: Literal["error", "flowgrpo"] = "error",
+) -> GaussianStep:
+    r"""Flow-GRPO's marginal-preserving SDE step (Euler–Maruyama), a Gaussian kernel.
+
+    .. math::
+        \sigma_t^{\mathrm{SDE}} = a\sqrt{\tfrac{\sigma}{1-\sigma}},\quad \Delta t = \sigma'-\sigma<0,
+
+        \mathrm{mean} = x + \Delta t\Big[v + \tfrac{(\sigma_t^{\mathrm{SDE}})^2}{2\sigma}
+            \big(x + (1-\sigma) v\big)\Big],\qquad
+        \mathrm{std} = \sigma_t^{\mathrm{SDE}}\sqrt{-\Delta t}.
+
+    ``x + (1 - sigma) v`` is the posterior mean of the noise, so the drift is the ODE velocity plus
+    ``-(std_t^2 / 2) * score``.  With ``noise_level = 0`` the mean is the Euler step (:func:`ode_step`)
+    and the std is zero.
+
+    Args:
+        x: ``(B, *event)`` state at ``sigma``.
+        v: ``(B, *event)`` velocity at ``(x, sigma)``.
+        sigma: float or ``(B,)`` in ``(0, 1)``; 1 only with ``sigma_one="flowgrpo"``.
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+        noise_level: ``a >= 0``, float or ``(B,)``.
+        sigma_one: ``"error"`` (default) raises at sigma = 1; ``"flowgrpo"`` uses the next grid
+            sigma in the denominator of ``std_t`` there, as the public Flow-GRPO code does.
+
+    Returns:
+        :class:`GaussianStep` with ``mean`` ``(B, *event)`` and ``std`` ``(B, 1, ..., 1)``.
+
+    Reference: ``flowgrpo`` (SDE sampler), ``diffusionopd`` (transition kernel).
+    """
+    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=sigma_one == "flowgrpo")
+    a = check_nonneg("noise_level", noise_level, x)
+    std_t = sde_std_t(s, a, sigma_next=sn, sigma_one=sigma_one)
+    dt = sn - s
+    mean = x + dt * (v + std_t**2 / (2.0 * s) * (x + (1.0 - s) * v))
+    std = std_t * torch.sqrt(-dt)
+    return GaussianStep(mean, _batch_std(std, x))
+
+
+def cps_step(
+    x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, noise_level: SigmaLike
+) -> GaussianStep:
+    r"""Coefficients-preserving sampling (CPS) step, a Gaussian kernel.
+
+    .. math::
+        s = \sigma' \sin(a\pi/2),\qquad \hat x_0 = x - \sigma v,\qquad \hat\varepsilon = x + (1-\sigma) v,
+
+        \mathrm{mean} = (1-\sigma')\hat x_0 + \sqrt{\sigma'^2 - s^2}\,\hat\varepsilon,\qquad
+        \mathrm{std} = s.
+
+    The sample ``mean + s eps`` has exactly the coefficients ``(1 - sigma')`` on data and total noise
+    variance ``sigma'^2``.  With ``noise_level = 0`` it is the Euler step.
+
+    Args:
+        x: ``(B, *event)`` state at ``sigma``.
+        v: ``(B, *event)`` velocity.
+        sigma: float or ``(B,)`` in ``(0, 1]`` (sigma = 1 is fine: nothing divides by 1 - sigma).
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+        noise_level: ``a`` in ``[0, 1]``.
+
+    Returns:
+        :class:`GaussianStep` with ``std`` ``(B, 1, ..., 1)``.
+
+    Reference: ``diffusionopd`` (CPS kernel), Wang & Yu, "Coefficients-Preserving Sampling" (2025).
+    """
+    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=True)
+    a = check_nonneg("noise_level", noise_level, x, upper=1.0)
+    std = sn * torch.sin(a * (math.pi / 2.0))
+    x0_hat = x - s * v
+    eps_hat = x + (1.0 - s) * v
+    mean = (1.0 - sn) * x0_hat + torch.sqrt(torch.clamp(sn**2 - std**2, min=0.0)) * eps_hat
+    return GaussianStep(mean, _batch_std(std, x))
+
+
+def _batch_std(std: Tensor, x: Tensor) -> Tensor:
+    """Expand a ``(1 or B, 1, ..., 1)`` std to ``(B, 1, ..., 1)``."""
+    return std.expand((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+def sde_kl_coefficient(sigma: SigmaLike, sigma_next: SigmaLike, noise_level: SigmaLike) -> Tensor:
+    r"""Coefficient :math:`c` with :math:`\mathrm{KL}(p_s\|p_t) = c\,\|v_s - v_t\|^2` for two SDE
+    kernels at the same state (D2).
+
+    .. math::
+        c = \frac{(1 + a^2/2)^2\, |\Delta t|\, (1-\sigma)}{2 a^2 \sigma}
+
+    Args:
+        sigma, sigma_next: floats or ``(B,)`` tensors, ``0 < sigma_next < sigma < 1`` (``sigma_next``
+            may be 0).
+        noise_level: ``a > 0``.
+
+    Returns:
+        ``(B,)`` (or ``(1,)`` for scalars) float64 tensor.
+
+    Reference: ``diffusionopd`` (closed-form KL of the SDE kernels).
+    """
+    ref = _ref_for(sigma, sigma_next, noise_level)
+    s = as_batch_tensor("sigma", sigma, ref).flatten()
+    sn = as_batch_tensor("sigma_next", sigma_next, ref).flatten()
+    check_sigma_pair(s, sn, allow_one=False)
+    a = check_nonneg("noise_level", noise_level, ref).flatten()
+    if not bool((a > 0).all()):
+        raise ValueError("noise_level must be > 0 for a KL between SDE kernels (std is 0 at a = 0)")
+    return (1.0 + a**2 / 2.0) ** 2 * (s - sn) * (1.0 - s) / (2.0 * a**2 * s)
+
+
+def cps_kl_coefficient(sigma: SigmaLike, sigma_next: SigmaLike, noise_level: SigmaLike) -> Tensor:
+    r"""Coefficient :math:`c` with :math:`\mathrm{KL}(p_s\|p_t) = c\,\|v_s - v_t\|^2` for two CPS
+    kernels at the same state (D2).
+
+    .. math::
+        c = \frac{\big((1-\sigma)\sqrt{\sigma'^2 - s^2} - \sigma(1-\sigma')\big)^2}{2 s^2},
+        \qquad s = \sigma'\sin(a\pi/2).
+
+    Returns:
+        ``(B,)`` (or ``(1,)``) tensor.
+
+    Reference: ``diffusionopd``.
+    """
+    ref = _ref_for(sigma, sigma_next, noise_level)
+    s = as_batch_tensor("sigma", sigma, ref).flatten()
+    sn = as_batch_tensor("sigma_next", sigma_next, ref).flatten()
+    check_sigma_pair(s, sn, allow_one=True)
+    a = check_nonneg("noise_level", noise_level, ref, upper=1.0).flatten()
+    std = sn * torch.sin(a * (math.pi / 2.0))
+    if not bool((std > 0).all()):
+        raise ValueError("CPS KL needs sigma_next > 0 and noise_level > 0 (std is 0 otherwise)")
+    coef = (1.0 - s) * torch.sqrt(sn**2 - std**2) - s * (1.0 - sn)
+    return coef**2 / (2.0 * std**2)
+
+
+def _ref_for(*values: SigmaLike) -> Tensor:
+    """A float64 (B, 1) reference tensor sized by the first batched tensor argument."""
+    batch = 1
+    for val in values:
+        if isinstance(val, Tensor) and val.dim() == 1:
+            batch = val.shape[0]
+            break
+    return torch.zeros(batch, 1, dtype=torch.float64)
+
+
+def sigma_to_t(sigma: SigmaLike) -> Tensor | float:
+    r"""Convert the diffusers noise level to the seeds' time: :math:`t = 1 - \sigma`.
+
+    The seeds write ``x_0`` = noise and ``x_1`` = data with ``x_t = t x_1 + (1 - t) x_0``; here
+    ``x_sigma = (1 - sigma) x_data + sigma eps``, so the same point is ``t = 1 - sigma`` and the
+    seeds' velocity ``u_t = x_1 - x_0`` is ``-v``.
+
+    Args:
+        sigma: float or tensor in ``[0, 1]``.
+
+    Returns:
+        ``1 - sigma`` of the same type.
+
+    Reference: ``diffusionopd`` (time convention), ``flowgrpo``.
+    """
+    _check_unit("sigma", sigma)
+    return 1.0 - sigma
+
+
+def t_to_sigma(t: SigmaLike) -> Tensor | float:
+    r"""Inverse of :func:`sigma_to_t`: :math:`\sigma = 1 - t`.
+
+    Args:
+        t: float or tensor in ``[0, 1]``.
+
+    Returns:
+        ``1 - t``.
+
+    Reference: ``diffusionopd``.
+    """
+    _check_unit("t", t)
+    return 1.0 - t
+
+
+def _check_unit(name: str, value: SigmaLike) -> None:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()) or not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")

@@ -1,0 +1,116 @@
+r"""Per-step on-policy distillation losses (derivations D4, D5).
+
+Each loss returns one value per sample, shape ``(B,)``; reduce (mean, sum, weighting over steps) in
+the trainer.  Notation map: student kernel :math:`\pi_\theta(x'|x)` -> ``student``, teacher kernel
+mean :math:`\mu_T(x)` -> ``teacher_mean``, PPO ratio :math:`r = \pi_\theta/\pi_{\theta_{old}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from opd_ref._checks import check_batch_vector, check_same_shape, check_tensor
+from opd_ref.divergences import same_cov_kl
+from opd_ref.kernels import GaussianStep
+
+__all__ = ["opd_kl_loss", "ode_matching_loss", "ppo_surrogate_loss"]
+
+
+def opd_kl_loss(student: GaussianStep, teacher_mean: Tensor, *, detach_teacher: bool = True) -> Tensor:
+    r"""Closed-form per-step reverse KL between the student's and the teacher's kernels (pathwise).
+
+    Student and teacher are taken at the same state ``x`` (on the student's rollout) and share the
+    kernel std, so (D1, D2)
+
+    .. math::
+        \ell(\theta) = \mathrm{KL}\big(\pi_\theta(\cdot|x)\,\|\,\pi_T(\cdot|x)\big)
+            = \frac{\|\mu_\theta(x) - \mu_T(x)\|^2}{2 s^2}.
+
+    Its gradient is the pathwise estimator of D5 (zero conditional variance given ``x``).
+
+    Args:
+        student: the student's kernel at ``x`` (mean carries the gradient), std ``(B, 1, ...)`` > 0.
+        teacher_mean: ``(B, *event)`` the teacher kernel's mean at the same ``x``.
+        detach_teacher: cut ``teacher_mean`` from the graph (default), so only the student trains.
+
+    Returns:
+        ``(B,)`` KL per sample, summed over event dims.
+
+    Reference: ``diffusionopd`` (closed-form KL objective), ``tm-opd``.
+    """
+    if not isinstance(student, GaussianStep):
+        raise TypeError(f"student must be a GaussianStep, got {type(student).__name__}")
+    teacher_mean = check_tensor("teacher_mean", teacher_mean)
+    check_same_shape("student.mean", student.mean, "teacher_mean", teacher_mean)
+    if detach_teacher:
+        teacher_mean = teacher_mean.detach()
+    return same_cov_kl(student.mean, teacher_mean, student.std)
+
+
+def ode_matching_loss(x_next_student: Tensor, x_next_teacher: Tensor, *, detach_teacher: bool = True) -> Tensor:
+    r"""Direct transition matching for the deterministic (ODE) sampler.
+
+    .. math::
+        \ell(\theta) = \tfrac12 \|x'_\theta - x'_T\|^2
+
+    It is the ``a -> 0`` limit of ``s^2 KL`` between SDE kernels (D4): same gradient direction as the
+    step-variance-rescaled closed-form KL.
+
+    Args:
+        x_next_student: ``(B, *event)`` the student's next state (e.g. :func:`~opd_ref.kernels.ode_step`).
+        x_next_teacher: ``(B, *event)`` the teacher's next state from the same ``x``.
+        detach_teacher: cut the teacher from the graph (default).
+
+    Returns:
+        ``(B,)`` summed over event dims.
+
+    Reference: ``diffusionopd`` (ODE direct matching).
+    """
+    x_s = check_tensor("x_next_student", x_next_student)
+    x_t = check_tensor("x_next_teacher", x_next_teacher)
+    check_same_shape("x_next_student", x_s, "x_next_teacher", x_t)
+    if detach_teacher:
+        x_t = x_t.detach()
+    return 0.5 * ((x_s - x_t) ** 2).flatten(1).sum(dim=1)
+
+
+def ppo_surrogate_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantage: Tensor,
+    clip_range: Optional[float] = None,
+) -> Tensor:
+    r"""PPO clipped surrogate, per sample.
+
+    .. math::
+        r = \exp(\log\pi_\theta - \log\pi_{\theta_{old}}),\qquad
+        \ell = -\min\big(r A,\ \mathrm{clip}(r, 1-\epsilon, 1+\epsilon) A\big)
+
+    ``advantage`` may carry gradient (e.g. ``A = -KL_theta``, D5): it is not detached.  With
+    ``clip_range=None`` no clipping is applied (``ell = -r A``).
+
+    Args:
+        log_prob: ``(B,)`` log-prob of the sampled action under the current policy (with grad).
+        old_log_prob: ``(B,)`` log-prob under the behaviour policy (treated as a constant: detached).
+        advantage: ``(B,)``.
+        clip_range: ``epsilon > 0`` or ``None``.
+
+    Returns:
+        ``(B,)`` loss per sample.
+
+    Reference: ``flowgrpo`` (clipped objective), ``diffusionopd`` (PPO baseline), Schulman et al. (2017).
+    """
+    log_prob = check_batch_vector("log_prob", log_prob)
+    old_log_prob = check_batch_vector("old_log_prob", old_log_prob, log_prob.shape[0])
+    advantage = check_batch_vector("advantage", advantage, log_prob.shape[0])
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    unclipped = ratio * advantage
+    if clip_range is None:
+        return -unclipped
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+        raise ValueError(f"clip_range must be a positive float or None, got {clip_range!r}")
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage
+    return -torch.minimum(unclipped, clipped)

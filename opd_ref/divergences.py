@@ -27,7 +27,26 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _sum_event(t: Tensor) -> Tensor:
-    return t.flatten(1).sum(dim=1)
+    """Sum over event dims; a ``(B,)`` tensor has a scalar event and is returned as is."""
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def _mean_event(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).mean(dim=1)
+
+
+def _as_std(name: str, std: object, mean: Tensor) -> Tensor:
+    """A strictly positive std broadcast to ``mean``.
+
+    Floats and 0-d tensors are shared by all samples; a 1-D tensor of length ``B`` is read as one std
+    per sample (``(B,)`` -> ``(B, 1, ..., 1)``) whenever ``mean`` has event dims, never as a per-dim
+    std; any other tensor must broadcast to ``mean`` (e.g. ``(B, 1, ..., 1)`` or ``(B, *event)``).
+    """
+    if isinstance(std, bool) or not isinstance(std, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(std).__name__}")
+    if not isinstance(std, Tensor) or std.dim() == 0 or (std.dim() == 1 and mean.dim() > 1):
+        std = as_batch_tensor(name, std, mean)
+    return check_positive_std(name, std, mean)
 
 
 def _log_prob_terms(x_next: Tensor, step: GaussianStep) -> Tensor:
@@ -76,7 +95,7 @@ def gaussian_log_prob_dim_mean(x_next: Tensor, step: GaussianStep) -> Tensor:
 
     Reference: ``flowgrpo`` (public code).
     """
-    return _log_prob_terms(x_next, step).flatten(1).mean(dim=1)
+    return _mean_event(_log_prob_terms(x_next, step))
 
 
 def cps_log_prob_flowgrpo(x_next: Tensor, step: GaussianStep) -> Tensor:
@@ -98,7 +117,7 @@ def cps_log_prob_flowgrpo(x_next: Tensor, step: GaussianStep) -> Tensor:
         raise TypeError(f"step must be a GaussianStep, got {type(step).__name__}")
     x_next = check_tensor("x_next", x_next)
     check_same_shape("x_next", x_next, "step.mean", step.mean)
-    return -((x_next - step.mean) ** 2).flatten(1).mean(dim=1)
+    return -_mean_event((x_next - step.mean) ** 2)
 
 
 def same_cov_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
@@ -123,9 +142,7 @@ def same_cov_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    if not isinstance(std, Tensor) or (std.dim() == 1 and mean_p.dim() > 1):
-        std = as_batch_tensor("std", std, mean_p)
-    std = check_positive_std("std", std, mean_p)
+    std = _as_std("std", std, mean_p)
     return _sum_event((mean_p - mean_q) ** 2 / (2.0 * std**2))
 
 
@@ -141,7 +158,8 @@ def diag_gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tenso
 
     Args:
         mean_p, mean_q: ``(B, *event)``.
-        std_p, std_q: strictly positive, broadcastable to the means.
+        std_p, std_q: strictly positive; float, ``(B,)`` (one per sample) or broadcastable to the
+            means (e.g. ``(B, *event)`` for a general diagonal covariance).
 
     Returns:
         ``(B,)``.
@@ -151,8 +169,8 @@ def diag_gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tenso
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    std_p = check_positive_std("std_p", std_p, mean_p)
-    std_q = check_positive_std("std_q", std_q, mean_q)
+    std_p = _as_std("std_p", std_p, mean_p)
+    std_q = _as_std("std_q", std_q, mean_q)
     log_ratio = torch.log(std_q) - torch.log(std_p)  # log(s_q / s_p)
     # s_p^2/(2 s_q^2) - 1/2 = expm1(-2 log_ratio) / 2, exact 0 when the stds agree
     terms = log_ratio + 0.5 * torch.expm1(-2.0 * log_ratio) + (mean_p - mean_q) ** 2 / (2.0 * std_q**2)
@@ -181,7 +199,5 @@ def flowgrpo_step_kl(mean_p: Tensor, mean_q: Tensor, std_t: Tensor | float) -> T
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    if not isinstance(std_t, Tensor) or (std_t.dim() == 1 and mean_p.dim() > 1):
-        std_t = as_batch_tensor("std_t", std_t, mean_p)
-    std_t = check_positive_std("std_t", std_t, mean_p)
-    return ((mean_p - mean_q) ** 2 / (2.0 * std_t**2)).flatten(1).mean(dim=1)
+    std_t = _as_std("std_t", std_t, mean_p)
+    return _mean_event((mean_p - mean_q) ** 2 / (2.0 * std_t**2))

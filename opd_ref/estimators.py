@@ -167,6 +167,10 @@ def estimator_surrogate(
 
     Reference: ``diffusionopd``, ``tm-opd``, ``vopd``.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, one of {ESTIMATORS}, got {type(name).__name__}")
+    if name not in ESTIMATORS:
+        raise ValueError(f"name must be one of {ESTIMATORS}, got {name!r}")
     if name == "pathwise":
         return pathwise_surrogate(student, teacher_mean)
     if x_next is None:
@@ -175,9 +179,7 @@ def estimator_surrogate(
         return ppo_kl_surrogate(student, teacher_mean, x_next)
     if name == "k1":
         return k1_surrogate(student, teacher_mean, x_next)
-    if name == "vopd":
-        return vopd_surrogate(student, teacher_mean, x_next)
-    raise ValueError(f"name must be one of {ESTIMATORS}, got {name!r}")
+    return vopd_surrogate(student, teacher_mean, x_next)
 
 
 def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -203,6 +205,8 @@ def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, T
     delta = check_tensor("delta", delta)
     if J.dim() != 2 or delta.dim() != 1 or J.shape[0] != delta.shape[0]:
         raise ValueError(f"J must be (D, P) and delta (D,), got {tuple(J.shape)} and {tuple(delta.shape)}")
+    if isinstance(s, bool) or not isinstance(s, (int, float, Tensor)):
+        raise TypeError(f"s must be a float or a 0-d tensor, got {type(s).__name__}")
     s_t = torch.as_tensor(s, dtype=J.dtype, device=J.device)
     if s_t.dim() != 0 or not bool(torch.isfinite(s_t)) or not bool(s_t > 0):
         raise ValueError(f"s must be a positive finite scalar, got {s!r}")
@@ -236,6 +240,10 @@ def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
     if loss.dim() != 1:
         raise ValueError(f"loss must have shape (B,), got {tuple(loss.shape)}")
     params = list(params)
+    if not params or not all(isinstance(p, Tensor) and p.requires_grad for p in params):
+        raise ValueError("params must be a non-empty sequence of tensors with requires_grad=True")
+    if not loss.requires_grad:
+        raise ValueError("loss does not require grad: it was not built from params")
     rows = []
     for i in range(loss.shape[0]):
         grads = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)

@@ -48,8 +48,9 @@ class GaussianStep:
 
     Args:
         mean: ``(B, *event)`` kernel mean.
-        std: standard deviation broadcastable to ``mean`` (typically ``(B, 1, ..., 1)``); it may be
-            zero (a deterministic step), in which case the step has no density.
+        std: standard deviation, a float or a tensor broadcastable to ``mean`` (typically
+            ``(B, 1, ..., 1)``); it may be zero (a deterministic step), in which case the step has no
+            density.
 
     Reference: ``diffusionopd`` (Gaussian transition kernels of the SDE sampler).
     """
@@ -59,6 +60,11 @@ class GaussianStep:
 
     def __post_init__(self) -> None:
         check_tensor("GaussianStep.mean", self.mean)
+        if isinstance(self.std, (int, float)) and not isinstance(self.std, bool):
+            # a plain number is a shared std: store it as a 0-d tensor like the mean
+            object.__setattr__(
+                self, "std", torch.tensor(float(self.std), dtype=self.mean.dtype, device=self.mean.device)
+            )
         check_tensor("GaussianStep.std", self.std, min_dim=0)
         try:
             shape = torch.broadcast_shapes(self.std.shape, self.mean.shape)
@@ -122,42 +128,74 @@ def ode_step(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> T
 
 
 def sde_std_t(
-    sigma: Tensor,
-    noise_level: Tensor,
+    sigma: SigmaLike,
+    noise_level: SigmaLike,
     *,
-    sigma_next: Optional[Tensor] = None,
+    sigma_next: Optional[SigmaLike] = None,
     sigma_one: Literal["error", "flowgrpo"] = "error",
 ) -> Tensor:
     r"""Flow-GRPO's diffusion coefficient :math:`\sigma_t^{\mathrm{SDE}} = a\sqrt{\sigma/(1-\sigma)}`.
 
+    .. math::
+        \sigma_t^{\mathrm{SDE}} = a\sqrt{\frac{\sigma}{1-\sigma}}
+        \quad\Big(\text{flowgrpo convention at } \sigma = 1:\ a\sqrt{\tfrac{\sigma}{1-\sigma'}}\Big)
+
     With ``sigma_one="flowgrpo"`` the denominator uses ``sigma_next`` where ``sigma == 1`` (the
-    public code uses the next grid sigma ``sigmas[1]``), which keeps the first step finite.
+    public code uses the second grid sigma ``sigmas[1]``, which is ``sigma_next`` of the first step),
+    which keeps the first step finite.
 
     Args:
-        sigma: broadcastable tensor of noise levels.
-        noise_level: broadcastable tensor ``a >= 0``.
-        sigma_next: required for ``sigma_one="flowgrpo"``.
+        sigma: float, 0-d or 1-D tensor of noise levels in ``(0, 1)`` (``(0, 1]`` with the opt-in).
+        noise_level: ``a >= 0``, a float or a tensor broadcastable against ``sigma``.
+        sigma_next: float or tensor like ``sigma`` in ``[0, sigma)``; required for
+            ``sigma_one="flowgrpo"``.
         sigma_one: ``"error"`` (sigma must be < 1) or ``"flowgrpo"``.
 
     Returns:
-        Tensor of ``std_t`` broadcast like ``sigma``.
+        Tensor of ``std_t`` with the broadcast shape of ``sigma`` and ``noise_level`` (float64 when
+        both are Python floats).
 
     Reference: ``flowgrpo`` (SDE sampler, eq. for the marginal-preserving SDE).
     """
-    if sigma_one == "flowgrpo":
-        if sigma_next is None:
-            raise ValueError("sde_std_t: sigma_one='flowgrpo' needs sigma_next")
-        denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
-    elif sigma_one == "error":
-        if bool((sigma >= 1.0).any()):
-            raise ValueError(
-                "sigma must lie in (0, 1) for the SDE kernel (std_t is infinite at sigma = 1); "
-                "pass sigma_one='flowgrpo' to opt into Flow-GRPO's convention"
-            )
-        denom_sigma = sigma
-    else:
+    if sigma_one not in ("error", "flowgrpo"):
         raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
-    return noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
+    s = _as_level("sigma", sigma)
+    a = _as_level("noise_level", noise_level, like=s)
+    if not bool((a >= 0).all()):
+        raise ValueError(f"noise_level must be >= 0, got {a.detach().flatten()[:6].tolist()}")
+    if sigma_next is None:
+        if sigma_one == "flowgrpo":
+            raise ValueError("sde_std_t: sigma_one='flowgrpo' needs sigma_next")
+        sn = torch.zeros_like(s)
+    else:
+        sn = _as_level("sigma_next", sigma_next, like=s)
+    try:
+        shape = torch.broadcast_shapes(s.shape, sn.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"sigma_next must be broadcastable against sigma, got {tuple(sn.shape)} and {tuple(s.shape)}"
+        ) from err
+    check_sigma_pair(s.expand(shape), sn.expand(shape), allow_one=sigma_one == "flowgrpo")
+    return _std_t(s, a, sn, sigma_one)
+
+
+def _as_level(name: str, value: SigmaLike, like: Optional[Tensor] = None) -> Tensor:
+    """A finite float tensor from a float or tensor (dtype of ``like`` for plain numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    dtype = like.dtype if like is not None else torch.float64
+    t = torch.as_tensor(value, dtype=dtype if not isinstance(value, Tensor) else None)
+    if not torch.is_floating_point(t):
+        t = t.to(dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {t.detach().flatten()[:6].tolist()}")
+    return t
+
+
+def _std_t(s: Tensor, a: Tensor, sn: Tensor, sigma_one: str) -> Tensor:
+    """The formula of :func:`sde_std_t` on already validated tensors."""
+    denom_sigma = torch.where(s >= 1.0, sn, s) if sigma_one == "flowgrpo" else s
+    return a * torch.sqrt(s / (1.0 - denom_sigma))
 
 
 def sde_step(
@@ -196,9 +234,11 @@ def sde_step(
 
     Reference: ``flowgrpo`` (SDE sampler), ``diffusionopd`` (transition kernel).
     """
+    if sigma_one not in ("error", "flowgrpo"):
+        raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
     x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=sigma_one == "flowgrpo")
     a = check_nonneg("noise_level", noise_level, x)
-    std_t = sde_std_t(s, a, sigma_next=sn, sigma_one=sigma_one)
+    std_t = _std_t(s, a, sn, sigma_one)
     dt = sn - s
     mean = x + dt * (v + std_t**2 / (2.0 * s) * (x + (1.0 - s) * v))
     std = std_t * torch.sqrt(-dt)
@@ -308,7 +348,10 @@ def _ref_for(*values: SigmaLike) -> Tensor:
 
 
 def sigma_to_t(sigma: SigmaLike) -> Tensor | float:
-    r"""Convert the diffusers noise level to the seeds' time: :math:`t = 1 - \sigma`.
+    r"""Convert the diffusers noise level to the seeds' time.
+
+    .. math::
+        t = 1 - \sigma,\qquad u_t = x_1 - x_0 = -v
 
     The seeds write ``x_0`` = noise and ``x_1`` = data with ``x_t = t x_1 + (1 - t) x_0``; here
     ``x_sigma = (1 - sigma) x_data + sigma eps``, so the same point is ``t = 1 - sigma`` and the
@@ -342,6 +385,8 @@ def t_to_sigma(t: SigmaLike) -> Tensor | float:
 
 
 def _check_unit(name: str, value: SigmaLike) -> None:
-    t = torch.as_tensor(value, dtype=torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    t = torch.as_tensor(value).to(torch.float64)
     if not bool(torch.isfinite(t).all()) or not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")

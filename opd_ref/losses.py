@@ -7,16 +7,29 @@ mean :math:`\mu_T(x)` -> ``teacher_mean``, PPO ratio :math:`r = \pi_\theta/\pi_{
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_batch_vector, check_same_shape, check_tensor
+from opd_ref._checks import (
+    SigmaLike,
+    as_batch_tensor,
+    check_batch_vector,
+    check_same_shape,
+    check_sigma_pair,
+    check_tensor,
+)
 from opd_ref.divergences import same_cov_kl
-from opd_ref.kernels import GaussianStep
+from opd_ref.kernels import GaussianStep, sde_step
 
-__all__ = ["opd_kl_loss", "ode_matching_loss", "ppo_surrogate_loss"]
+__all__ = [
+    "opd_kl_loss",
+    "ode_matching_loss",
+    "ppo_surrogate_loss",
+    "sde_kl_rescaled",
+    "deterministic_limit_weight",
+]
 
 
 def opd_kl_loss(student: GaussianStep, teacher_mean: Tensor, *, detach_teacher: bool = True) -> Tensor:
@@ -74,7 +87,7 @@ def ode_matching_loss(x_next_student: Tensor, x_next_teacher: Tensor, *, detach_
     check_same_shape("x_next_student", x_s, "x_next_teacher", x_t)
     if detach_teacher:
         x_t = x_t.detach()
-    return 0.5 * ((x_s - x_t) ** 2).flatten(1).sum(dim=1)
+    return 0.5 * ((x_s - x_t) ** 2).reshape(x_s.shape[0], -1).sum(dim=1)
 
 
 def ppo_surrogate_loss(
@@ -103,6 +116,12 @@ def ppo_surrogate_loss(
 
     Reference: ``flowgrpo`` (clipped objective), ``diffusionopd`` (PPO baseline), Schulman et al. (2017).
     """
+    if clip_range is not None and (
+        isinstance(clip_range, bool)
+        or not isinstance(clip_range, (int, float))
+        or not 0 < clip_range < float("inf")
+    ):
+        raise ValueError(f"clip_range must be a positive finite float or None, got {clip_range!r}")
     log_prob = check_batch_vector("log_prob", log_prob)
     old_log_prob = check_batch_vector("old_log_prob", old_log_prob, log_prob.shape[0])
     advantage = check_batch_vector("advantage", advantage, log_prob.shape[0])
@@ -110,7 +129,88 @@ def ppo_surrogate_loss(
     unclipped = ratio * advantage
     if clip_range is None:
         return -unclipped
-    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-        raise ValueError(f"clip_range must be a positive float or None, got {clip_range!r}")
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage
     return -torch.minimum(unclipped, clipped)
+
+
+def deterministic_limit_weight(sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+    r"""Per-step weight left by rescaling the SDE KL by :math:`a^2` instead of :math:`s^2` (D4).
+
+    .. math::
+        w(\sigma, \sigma') = \frac{a^2}{s^2} = \frac{1-\sigma}{\sigma\,|\Delta t|},
+        \qquad s^2 = a^2\,\frac{\sigma}{1-\sigma}\,|\Delta t|,\quad \Delta t = \sigma'-\sigma
+
+    so that :math:`a^2\,\mathrm{KL} = w\cdot s^2\,\mathrm{KL}`, and as :math:`a\to 0`,
+    :math:`a^2\,\mathrm{KL}\to w\cdot\tfrac12\|x'_\theta-x'_T\|^2`.
+
+    Args:
+        sigma: float or ``(B,)`` in ``(0, 1)``.
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+
+    Returns:
+        ``(B,)`` (or ``(1,)`` for floats) float64 weights.
+
+    Reference: ``diffusionopd`` (deterministic regime), ``flowgrpo`` (SDE coefficient).
+    """
+    batch = next((v.shape[0] for v in (sigma, sigma_next) if isinstance(v, Tensor) and v.dim() == 1), 1)
+    ref = torch.zeros(batch, 1, dtype=torch.float64)
+    s = as_batch_tensor("sigma", sigma, ref).flatten()
+    sn = as_batch_tensor("sigma_next", sigma_next, ref).flatten()
+    check_sigma_pair(s, sn, allow_one=False)
+    return (1.0 - s) / (s * (s - sn))
+
+
+def sde_kl_rescaled(
+    x: Tensor,
+    v_student: Tensor,
+    v_teacher: Tensor,
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
+    noise_level: SigmaLike,
+    *,
+    rescale: Literal["step_variance", "noise_level_squared"] = "step_variance",
+    detach_teacher: bool = True,
+) -> Tensor:
+    r"""The closed-form SDE KL between student and teacher kernels at the same state, rescaled (D4).
+
+    With both kernels from :func:`~opd_ref.kernels.sde_step` (same ``x``, ``sigma``, ``a``), step std
+    :math:`s` and means :math:`\mu_\theta, \mu_T`:
+
+    .. math::
+        s^2\,\mathrm{KL} = \tfrac12\|\mu_\theta - \mu_T\|^2
+            = \big(1+\tfrac{a^2}{2}\big)^2\,\tfrac12\|x'_\theta - x'_T\|^2_{\mathrm{Euler}},
+        \qquad
+        a^2\,\mathrm{KL} = \frac{1-\sigma}{\sigma|\Delta t|}\; s^2\,\mathrm{KL}.
+
+    Both are computed without dividing by :math:`s^2`, so they are finite at ``a = 0``, where
+    ``"step_variance"`` equals :func:`ode_matching_loss` of the two Euler steps exactly and
+    ``"noise_level_squared"`` equals it times :func:`deterministic_limit_weight`.
+
+    Args:
+        x: ``(B, *event)`` shared state.
+        v_student: ``(B, *event)`` student velocity (carries the gradient).
+        v_teacher: ``(B, *event)`` teacher velocity.
+        sigma: float or ``(B,)`` in ``(0, 1)``.
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+        noise_level: ``a >= 0``.
+        rescale: ``"step_variance"`` (multiply by :math:`s^2`) or ``"noise_level_squared"``
+            (multiply by :math:`a^2`).
+        detach_teacher: cut the teacher from the graph (default).
+
+    Returns:
+        ``(B,)`` rescaled KL, summed over event dims.
+
+    Reference: ``diffusionopd`` (closed-form KL and ODE direct matching), ``flowgrpo`` (SDE kernel).
+    """
+    if rescale not in ("step_variance", "noise_level_squared"):
+        raise ValueError(f"rescale must be 'step_variance' or 'noise_level_squared', got {rescale!r}")
+    v_teacher = check_tensor("v_teacher", v_teacher)
+    if detach_teacher:
+        v_teacher = v_teacher.detach()
+    student = sde_step(x, v_student, sigma, sigma_next, noise_level)
+    teacher = sde_step(x, v_teacher, sigma, sigma_next, noise_level)
+    s2_kl = ode_matching_loss(student.mean, teacher.mean, detach_teacher=detach_teacher)
+    if rescale == "step_variance":
+        return s2_kl
+    w = deterministic_limit_weight(sigma, sigma_next).to(dtype=s2_kl.dtype, device=s2_kl.device)
+    return w * s2_kl

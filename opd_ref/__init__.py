@@ -24,7 +24,13 @@ from opd_ref.kernels import (
     sigma_to_t,
     t_to_sigma,
 )
-from opd_ref.losses import ode_matching_loss, opd_kl_loss, ppo_surrogate_loss
+from opd_ref.losses import (
+    deterministic_limit_weight,
+    ode_matching_loss,
+    opd_kl_loss,
+    ppo_surrogate_loss,
+    sde_kl_rescaled,
+)
 
 __version__ = "0.1.0"
 
@@ -47,4 +53,6 @@ __all__ = [
     "opd_kl_loss",
     "ode_matching_loss",
     "ppo_surrogate_loss",
+    "sde_kl_rescaled",
+    "deterministic_limit_weight",
 ]

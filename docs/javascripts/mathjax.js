@@ -1,0 +1,26 @@
+// MathJax 3 configuration for pymdownx.arithmatex (generic mode): arithmatex wraps $...$ as \(...\)
+// and $$...$$ as \[...\] inside elements of class "arithmatex"; only those are typeset.
+window.MathJax = {
+  tex: {
+    inlineMath: [["\\(", "\\)"]],
+    displayMath: [["\\[", "\\]"]],
+    processEscapes: true,
+    processEnvironments: true,
+  },
+  options: {
+    ignoreHtmlClass: ".*|",
+    processHtmlClass: "arithmatex",
+  },
+};
+
+// mkdocs-material's instant navigation swaps pages without a reload: typeset each new page.
+if (typeof document$ !== "undefined") {
+  document$.subscribe(() => {
+    if (window.MathJax && MathJax.startup && MathJax.typesetPromise) {
+      MathJax.startup.output.clearCache();
+      MathJax.typesetClear();
+      MathJax.texReset();
+      MathJax.typesetPromise();
+    }
+  });
+}

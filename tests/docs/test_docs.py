@@ -1,0 +1,272 @@
+"""Documentation checks (issue 6).
+
+1. ``mkdocs build --strict`` of ``mkdocs.yml`` succeeds: any warning (broken link, a page missing
+   from or absent in the nav, unresolved cross-reference, griffe docstring warning) fails the build;
+   the API pages show the docstrings' math converted for MathJax.
+2. Every public function and class of ``opd_ref`` (each name in a submodule's ``__all__`` and in
+   ``opd_ref.__all__``) has a Google-style docstring with an ``Args:`` section (when it takes
+   arguments), a ``Returns:`` section (functions), math (a ``.. math::`` block or an inline ``:math:``
+   role) and a citation key of
+   DESIGN.md.  The test lists every offender by qualified name and what it lacks.
+3. Every public ``opd_ref`` module has its API page; every derivation page has the sections of the
+   docs format (Statement, Proof sketch, Code, Tests, Figure) and its code names and test paths exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import opd_ref
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Citation keys of DESIGN.md ("Sources of the math").
+CITATION_KEYS = (
+    "diffusionopd",
+    "flowgrpo",
+    "crd",
+    "dibregman",
+    "dimo",
+    "dmd",
+    "dmd2",
+    "diffinstruct",
+    "gopd",
+    "vopd",
+    "rtdmd",
+    "nft",
+    "tm-opd",
+)
+# A key counts when it appears as a word of its own, e.g. ``flowgrpo`` or (flowgrpo); "dmd" inside
+# "rtdmd" or "vopd" inside "ppo_vopd_x" does not.
+_KEY_RE = re.compile(r"(?<![A-Za-z0-9_-])(" + "|".join(re.escape(k) for k in CITATION_KEYS) + r")(?![A-Za-z0-9_])")
+_SECTION_RE = {
+    "Args": re.compile(r"^\s*(Args|Arguments|Parameters):\s*$", re.M),
+    "Returns": re.compile(r"^\s*(Returns|Yields):\s*$", re.M),
+}
+# Math: a ``.. math::`` block, or an inline ``:math:`` role for one-formula objects (the site renders
+# both through MathJax).
+_MATH_RE = re.compile(r"^\s*\.\. math::|:math:`", re.M)
+
+
+def _public_modules() -> list:
+    """``opd_ref`` and every public submodule (names not starting with an underscore)."""
+    mods = [opd_ref]
+    for info in pkgutil.walk_packages(opd_ref.__path__, prefix="opd_ref."):
+        if any(part.startswith("_") for part in info.name.split(".")[1:]):
+            continue
+        mods.append(importlib.import_module(info.name))
+    return mods
+
+
+def _public_objects() -> dict:
+    """Qualified name -> object for every function/class named in some ``__all__`` of opd_ref."""
+    objs: dict = {}
+    seen: set = set()
+    for mod in _public_modules():
+        for name in getattr(mod, "__all__", ()):
+            obj = getattr(mod, name, None)
+            if obj is None:
+                objs[f"{mod.__name__}.{name}"] = None  # listed in __all__ but missing
+                continue
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue  # constants such as ESTIMATORS
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            objs[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return objs
+
+
+def _takes_arguments(obj) -> bool:
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return False
+    return any(p.name not in ("self", "cls") for p in sig.parameters.values())
+
+
+def _returns_something(obj) -> bool:
+    if inspect.isclass(obj):
+        return False
+    ann = inspect.signature(obj).return_annotation
+    return ann not in (None, "None", type(None))
+
+
+def docstring_problems(obj) -> list:
+    """What the docstring of ``obj`` lacks (empty list: complete)."""
+    doc = inspect.getdoc(obj)
+    if not doc:
+        return ["no docstring"]
+    problems = []
+    if _takes_arguments(obj) and not _SECTION_RE["Args"].search(doc):
+        problems.append("no Args: section")
+    if _returns_something(obj) and not _SECTION_RE["Returns"].search(doc):
+        problems.append("no Returns: section")
+    if not _MATH_RE.search(doc):
+        problems.append("no math (neither '.. math::' nor ':math:')")
+    if not _KEY_RE.search(doc):
+        problems.append("no citation key of DESIGN.md")
+    return problems
+
+
+def test_public_api_is_found():
+    objs = _public_objects()
+    # The core API of DESIGN.md §3 must be among the checked objects, so the check cannot pass vacuously.
+    for name in ("opd_ref.kernels.sde_step", "opd_ref.kernels.GaussianStep", "opd_ref.losses.opd_kl_loss",
+                 "opd_ref.divergences.same_cov_kl"):
+        assert name in objs
+    assert [name for name, obj in objs.items() if obj is None] == [], "names in __all__ that do not exist"
+
+
+def test_docstring_checker_flags_bad_docstrings():
+    good_doc = r"""Doubles.
+
+        .. math::
+            y = 2x
+
+        Args:
+            x: tensor.
+
+        Returns:
+            ``2 x``.
+
+        Reference: ``diffusionopd``.
+        """
+
+    def with_doc(doc):
+        def f(x):
+            return 2 * x
+
+        f.__doc__ = doc
+        return f
+
+    assert docstring_problems(with_doc(None)) == ["no docstring"]
+    assert docstring_problems(with_doc(good_doc)) == []
+    assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key of DESIGN.md"]
+    assert docstring_problems(with_doc(good_doc.replace(".. math::", "Math:"))) == [
+        "no math (neither '.. math::' nor ':math:')"
+    ]
+    assert docstring_problems(with_doc(good_doc.replace("Args:", "Arguments"))) == ["no Args: section"]
+    assert docstring_problems(with_doc(good_doc.replace("Returns:", "Gives:"))) == ["no Returns: section"]
+
+
+def test_every_public_object_has_a_complete_docstring():
+    offenders = {name: docstring_problems(obj) for name, obj in _public_objects().items() if obj is not None}
+    offenders = {name: p for name, p in offenders.items() if p}
+    report = "\n".join(f"  {name}: {', '.join(p)}" for name, p in sorted(offenders.items()))
+    assert not offenders, f"{len(offenders)} public opd_ref objects with incomplete docstrings:\n{report}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the site
+
+
+def test_mkdocs_build_strict(tmp_path):
+    """The whole site builds with ``--strict`` (warnings are errors) and renders the math."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    site = tmp_path / "site"
+    env = {**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
+         "--site-dir", str(site)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    kernels = (site / "api" / "kernels.html").read_text(encoding="utf-8")
+    # the griffe extension turned ``.. math::`` into MathJax display blocks and citation keys into links
+    assert '<div class="arithmatex">\\[' in kernels
+    assert "bibliography.html#cite-flowgrpo" in kernels
+    for page in sorted((site / "api").glob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        for raw in (".. math::", ":math:`", ":func:`", ":class:`"):
+            assert raw not in text, f"unconverted RST {raw!r} in {page.name}"
+
+
+def test_every_public_module_has_an_api_page():
+    missing = []
+    for mod in _public_modules():
+        page = "index" if mod.__name__ == "opd_ref" else mod.__name__.rsplit(".", 1)[-1]
+        path = ROOT / "docs" / "api" / f"{page}.md"
+        if not path.is_file() or f"::: {mod.__name__}" not in path.read_text(encoding="utf-8"):
+            missing.append(f"{mod.__name__} -> docs/api/{page}.md")
+    assert not missing, "modules without an API page (add '::: module' pages and nav entries): " + ", ".join(missing)
+
+
+# --------------------------------------------------------------------------------------------------
+# the derivation pages
+
+DERIVATION_SECTIONS = ["Statement", "Proof sketch", "Code", "Tests", "Figure"]
+_DERIV_TITLE = re.compile(r"^# D(\d+) — \S")
+
+
+def _derivation_pages() -> list:
+    return sorted((ROOT / "docs" / "derivations").glob("*.md"))
+
+
+def _sections(text: str) -> dict:
+    """``## heading`` -> body (code fences ignored)."""
+    out, current, in_fence = {}, None, False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        if not in_fence and line.startswith("## "):
+            current = line[3:].strip()
+            out[current] = []
+        elif current is not None:
+            out[current].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether a dotted name exists (the site's hook resolves it the same way to link it)."""
+    spec = importlib.util.spec_from_file_location("_opd_docs_hooks", ROOT / "docs" / "_site" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks.resolve_dotted(dotted) is not None
+
+
+def test_derivation_pages_follow_the_docs_format():
+    problems = []
+    numbers = []
+    for page in _derivation_pages():
+        text = page.read_text(encoding="utf-8")
+        rel = page.relative_to(ROOT)
+        first = text.lstrip().splitlines()[0] if text.strip() else ""
+        m = _DERIV_TITLE.match(first)
+        if not m:
+            problems.append(f"{rel}: first line must be '# DN — Title', got {first!r}")
+        else:
+            numbers.append(int(m.group(1)))
+            if not page.name.startswith(f"d{int(m.group(1))}-"):
+                problems.append(f"{rel}: file name must be d{int(m.group(1))}-short-name.md")
+        sections = _sections(text)
+        if list(sections) != DERIVATION_SECTIONS:
+            problems.append(f"{rel}: sections {list(sections)} != {DERIVATION_SECTIONS}")
+        for name, body in sections.items():
+            if name in DERIVATION_SECTIONS and not body.strip():
+                problems.append(f"{rel}: empty section '{name}'")
+        for dotted in re.findall(r"`((?:opd_ref|toys|scale)(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", sections.get("Code", "")):
+            if not _resolves(dotted):
+                problems.append(f"{rel}: Code names {dotted}, which does not exist")
+        for path, _, test in re.findall(r"(tests/[\w/]+\.py)(::(\w+))?", sections.get("Tests", "")):
+            file = ROOT / path
+            if not file.is_file():
+                problems.append(f"{rel}: Tests names {path}, which does not exist")
+            elif test and not re.search(rf"def {re.escape(test)}\b", file.read_text(encoding="utf-8")):
+                problems.append(f"{rel}: Tests names {path}::{test}, which does not exist")
+    dupes = sorted({n for n in numbers if numbers.count(n) > 1})
+    if dupes:
+        problems.append(f"more than one page for D{dupes}")
+    assert not problems, "derivation pages:\n  " + "\n  ".join(problems)

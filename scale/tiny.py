@@ -1,0 +1,204 @@
+"""A tiny random-weight SD3.5-style pipeline, built from configs, for tests and dry runs.
+
+No weights can be downloaded here, so the tests run the real ``StableDiffusion3Pipeline`` code path on
+a pipeline with the SD3.5 architecture (``SD3Transformer2DModel`` with ``qk_norm="rms_norm"`` and a
+dual-attention (MMDiT-X) layer, ``AutoencoderKL``, two CLIP text encoders with projection, a T5
+encoder, ``FlowMatchEulerDiscreteScheduler(shift=3.0)``) at toy sizes.  Tokenizers are built from
+in-memory vocabularies (byte-level BPE for CLIP, Unigram for T5), so nothing is fetched.  The result is
+saved with ``save_pretrained`` and loads back with ``from_pretrained`` under ``HF_HUB_OFFLINE=1``.
+
+Reference: ``diffusionopd`` / ``flowgrpo`` (SD3.5-Medium is the model both fine-tune).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_tiny_pipeline", "TINY_SIZES"]
+
+#: The sizes of the tiny pipeline (one place, so tests and docs can quote them).
+TINY_SIZES = {
+    "latent_size": 8,  # latent height = width (the transformer's sample_size)
+    "latent_channels": 4,  # VAE latent channels = transformer in/out channels
+    "patch_size": 2,  # 8x8 latent -> 4x4 = 16 image tokens
+    "num_layers": 2,  # transformer blocks; block 0 is a dual-attention (SD3.5 MMDiT-X) block
+    "num_heads": 2,
+    "head_dim": 16,  # transformer width = 2 * 16 = 32
+    "clip_hidden": 32,  # each CLIP encoder's width (SD3.5: 768 and 1280)
+    "clip_projection": 32,  # each CLIP's pooled projection (pooled_projection_dim = 2 * 32)
+    "clip_max_length": 16,  # CLIP tokenizer model_max_length (SD3.5: 77)
+    "t5_d_model": 64,  # joint_attention_dim; must be >= the summed CLIP widths (64)
+    "vae_channels": 8,  # one-level VAE: vae_scale_factor 1, so images are 8x8 px
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the alphabet of byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, (chr(c) for c in chars)))
+
+
+def _clip_tokenizer(max_length: int):
+    """A byte-level BPE CLIP tokenizer from an in-memory vocabulary (every byte, with and without the
+    end-of-word suffix ``</w>``, plus a few merges so common letter pairs become one token)."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges = []
+    for pair in ("t h", "a n", "i n", "e r", "o n"):
+        left, right = pair.split()
+        merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _t5_tokenizer():
+    """A Unigram T5 tokenizer from an in-memory vocabulary (letters, digits, punctuation, with and
+    without the word-start marker), no sentinel tokens."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    symbols = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    pieces += [("\u2581" + c, -3.0) for c in symbols]
+    pieces += [(c, -4.0) for c in symbols]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    r"""Build a tiny random-weight SD3.5-style ``StableDiffusion3Pipeline`` and ``save_pretrained`` it.
+
+    Architecture as SD3.5-Medium (qk RMS-norm, dual attention in block 0, two CLIP-L/G-like encoders
+    whose hidden states are concatenated and zero-padded to the T5 width, pooled projections
+    concatenated), sizes in :data:`TINY_SIZES`.  Weights are drawn from the model classes' own
+    initialisers under ``torch.manual_seed(seed)`` (the global RNG state is restored afterwards), so
+    the same ``seed`` gives the same files.  Every component is put in ``eval()`` mode (the text
+    encoders have dropout).
+
+    Args:
+        out_dir: directory to write (created; must be empty or absent).
+        seed: integer seed of the random weights.
+
+    Returns:
+        The directory, loadable with ``StableDiffusion3Pipeline.from_pretrained`` offline.
+
+    Raises:
+        ValueError: ``out_dir`` exists and is not empty, or ``seed`` is not an int.
+
+    Reference: ``flowgrpo``, ``diffusionopd`` (SD3.5-Medium is the model they fine-tune).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out_dir must be an empty or absent directory, got {str(out)!r} (not empty)")
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    s = TINY_SIZES
+    if s["t5_d_model"] < 2 * s["clip_hidden"]:
+        raise ValueError("TINY_SIZES: t5_d_model must be >= the summed CLIP hidden sizes")
+    clip_tok = _clip_tokenizer(s["clip_max_length"])
+    t5_tok = _t5_tokenizer()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=s["latent_size"],
+            patch_size=s["patch_size"],
+            in_channels=s["latent_channels"],
+            out_channels=s["latent_channels"],
+            num_layers=s["num_layers"],
+            attention_head_dim=s["head_dim"],
+            num_attention_heads=s["num_heads"],
+            joint_attention_dim=s["t5_d_model"],
+            caption_projection_dim=s["num_heads"] * s["head_dim"],
+            pooled_projection_dim=2 * s["clip_projection"],
+            pos_embed_max_size=s["latent_size"] // s["patch_size"] * 2,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            block_out_channels=(s["vae_channels"],),
+            layers_per_block=1,
+            latent_channels=s["latent_channels"],
+            norm_num_groups=4,
+            sample_size=s["latent_size"],
+            scaling_factor=1.5305,  # SD3.5's VAE constants
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoders = []
+        for _ in range(2):
+            cfg = CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=s["clip_hidden"],
+                intermediate_size=2 * s["clip_hidden"],
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=s["clip_max_length"],
+                projection_dim=s["clip_projection"],
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+                hidden_act="gelu",
+            )
+            text_encoders.append(CLIPTextModelWithProjection(cfg))
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=s["t5_d_model"],
+                d_kv=16,
+                d_ff=2 * s["t5_d_model"],
+                num_layers=1,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                pad_token_id=t5_tok.pad_token_id,
+                eos_token_id=t5_tok.eos_token_id,
+                decoder_start_token_id=t5_tok.pad_token_id,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoders[0],
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoders[1],
+        tokenizer_2=_clip_tokenizer(s["clip_max_length"]),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+    for module in (transformer, vae, *text_encoders, t5):
+        module.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""Tests of the exact Gaussian-mixture toys."""

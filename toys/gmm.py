@@ -1,0 +1,551 @@
+r"""Exact Gaussian-mixture flows: densities, marginals, velocities, scores, denoisers and tilts.
+
+For data :math:`x_0 \sim p = \sum_k w_k \mathcal N(m_k, S_k)` and the flow
+:math:`x_\sigma = (1-\sigma) x_0 + \sigma \varepsilon` (DESIGN.md §1) every quantity is closed form:
+
+.. math::
+    p_\sigma = \sum_k w_k \mathcal N(\mu_k, C_k),\quad \mu_k = (1-\sigma) m_k,\quad
+    C_k = (1-\sigma)^2 S_k + \sigma^2 I,
+
+and with responsibilities :math:`\gamma_k(x) \propto w_k \mathcal N(x; \mu_k, C_k)` and
+:math:`u_k = C_k^{-1}(x - \mu_k)`:
+
+.. math::
+    \nabla\log p_\sigma(x) = -\sum_k \gamma_k u_k,\quad
+    \mathbb E[\varepsilon|x] = \sigma\sum_k\gamma_k u_k,\quad
+    \mathbb E[x_0|x] = \sum_k \gamma_k\big(m_k + (1-\sigma) S_k u_k\big),
+
+    v(x,\sigma) = \mathbb E[\varepsilon|x] - \mathbb E[x_0|x].
+
+Everything is batched over ``x`` of shape ``(B, d)``, uses Cholesky factors and log-sum-exp, works in
+float32 and float64, and is differentiable in ``x`` and in ``weights``, ``means``, ``covs`` (a
+parametric-GMM student trains through :meth:`GaussianMixture.velocity`).  Nothing that carries a
+gradient is cached: build the mixture inside the training step.
+
+Notation map: :math:`w_k, m_k, S_k` -> ``weights, means, covs``; :math:`\gamma_k` -> ``resp``;
+:math:`\sigma` -> ``sigma``.
+
+Reference: ``diffusionopd`` (exact GMM teachers), ``flowgrpo`` (flow convention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from toys.rewards import QuadraticFormReward, as_quadratic_form, sum_rewards
+
+__all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt"]
+
+SigmaLike = Union[float, int, Tensor]
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _weight_tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+
+
+class GaussianMixture:
+    r"""A Gaussian mixture :math:`p(x) = \sum_{k=1}^K w_k \mathcal N(x; m_k, S_k)` on :math:`\mathbb R^d`.
+
+    Args:
+        weights: ``(K,)`` non-negative, summing to 1 (tolerance 1e-5 in float32, 1e-9 in float64).
+        means: ``(K, d)``.
+        covs: ``(K, d, d)`` symmetric positive definite.
+        validate: check the arguments (default).  Internal constructors skip it.
+
+    Raises:
+        TypeError: non-tensor or non-floating arguments, mixed dtypes.
+        ValueError: wrong shapes, negative / non-normalised weights, non-symmetric or non-PD covs,
+            non-finite values.
+
+    Reference: ``diffusionopd`` (exact toy teachers), DESIGN.md §3.
+    """
+
+    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, *, validate: bool = True) -> None:
+        if validate:
+            _validate(weights, means, covs)
+        self.weights = weights
+        self.means = means
+        self.covs = covs
+
+    # ------------------------------------------------------------------ basics
+    @classmethod
+    def from_params(cls, logits: Tensor, means: Tensor, scale_tril: Tensor) -> "GaussianMixture":
+        r"""Build from unconstrained parameters: :math:`w = \mathrm{softmax}(\text{logits})`,
+        :math:`S_k = L_k L_k^\top` (``scale_tril`` ``(K, d, d)``, lower triangular with non-zero
+        diagonal).  Convenient for a parametric-GMM student; gradients flow to all three."""
+        if not isinstance(logits, Tensor) or logits.dim() != 1:
+            raise ValueError(f"logits must be a (K,) tensor, got {getattr(logits, 'shape', type(logits))}")
+        if not isinstance(scale_tril, Tensor) or scale_tril.dim() != 3:
+            raise ValueError(
+                f"scale_tril must be a (K, d, d) tensor, got {getattr(scale_tril, 'shape', type(scale_tril))}"
+            )
+        L = torch.tril(scale_tril)
+        return cls(torch.softmax(logits, dim=0), means, L @ L.transpose(-1, -2))
+
+    @classmethod
+    def gaussian(cls, mean: Tensor, cov: Tensor) -> "GaussianMixture":
+        """A single Gaussian ``N(mean (d,), cov (d, d))`` as a one-component mixture."""
+        if not isinstance(mean, Tensor) or not isinstance(cov, Tensor):
+            raise TypeError("mean and cov must be tensors")
+        return cls(torch.ones(1, dtype=mean.dtype), mean[None], cov[None])
+
+    @property
+    def n_components(self) -> int:
+        """Number of components ``K``."""
+        return int(self.weights.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Event dimension ``d``."""
+        return int(self.means.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def log_weights(self) -> Tensor:
+        """``(K,)`` log-weights (``-inf`` for zero weights)."""
+        return torch.log(self.weights)
+
+    def to(self, dtype: torch.dtype) -> "GaussianMixture":
+        """The same mixture in another floating dtype."""
+        return GaussianMixture(
+            self.weights.to(dtype), self.means.to(dtype), self.covs.to(dtype), validate=False
+        )
+
+    def detach(self) -> "GaussianMixture":
+        """The same mixture cut from the autograd graph."""
+        return GaussianMixture(
+            self.weights.detach(), self.means.detach(), self.covs.detach(), validate=False
+        )
+
+    def mean(self) -> Tensor:
+        r"""Mixture mean :math:`\sum_k w_k m_k`, shape ``(d,)``."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Tensor:
+        r"""Mixture covariance :math:`\sum_k w_k (S_k + m_k m_k^\top) - \bar m \bar m^\top`, ``(d, d)``."""
+        mbar = self.mean()
+        second = (self.weights[:, None, None] * (self.covs + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        return second - mbar[:, None] * mbar[None, :]
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.n_components}, d={self.dim}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ densities
+    def _check_x(self, x: object) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the mixture is {self.dtype}; convert one of them "
+                "(GaussianMixture.to(dtype))"
+            )
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        return x
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        r"""``(B, K)`` component log-densities :math:`\log\mathcal N(x; m_k, S_k)`."""
+        x = self._check_x(x)
+        L = torch.linalg.cholesky(self.covs)  # (K, d, d)
+        diff = x[:, None, :] - self.means[None]  # (B, K, d)
+        z = torch.linalg.solve_triangular(L, diff.unsqueeze(-1), upper=False).squeeze(-1)
+        half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        return -0.5 * (z**2).sum(-1) - half_logdet - 0.5 * self.dim * _LOG_2PI
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r"""Exact log-density :math:`\log\sum_k w_k\mathcal N(x; m_k, S_k)` (log-sum-exp).
+
+        Args:
+            x: ``(B, d)`` of the mixture's dtype.
+
+        Returns:
+            ``(B,)``.
+        """
+        return torch.logsumexp(self.log_weights + self.component_log_prob(x), dim=-1)
+
+    def sample(
+        self, n: int, generator: Optional[torch.Generator] = None, *, return_components: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        r"""``n`` i.i.d. samples: :math:`k \sim \mathrm{Cat}(w)`, :math:`x = m_k + L_k \xi`.
+
+        Reparameterised in ``means`` and ``covs`` (not in ``weights``).
+
+        Args:
+            n: number of samples (>= 1).
+            generator: optional ``torch.Generator`` (CPU).
+            return_components: also return the ``(n,)`` component indices.
+
+        Returns:
+            ``(n, d)`` samples (and the indices).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        w = self.weights.detach().to(torch.float64).clamp_min(0.0)
+        k = torch.multinomial(w, n, replacement=True, generator=generator)
+        xi = torch.randn(n, self.dim, generator=generator, dtype=self.dtype)
+        L = torch.linalg.cholesky(self.covs)
+        x = self.means[k] + (L[k] @ xi.unsqueeze(-1)).squeeze(-1)
+        return (x, k) if return_components else x
+
+    # ------------------------------------------------------------------ the flow
+    def marginal(self, sigma: SigmaLike) -> "GaussianMixture":
+        r"""The exact marginal of :math:`x_\sigma = (1-\sigma) x_0 + \sigma\varepsilon`:
+
+        .. math::
+            p_\sigma = \sum_k w_k\,\mathcal N\big((1-\sigma) m_k,\ (1-\sigma)^2 S_k + \sigma^2 I\big).
+
+        Args:
+            sigma: float or 0-d tensor in ``[0, 1]`` (a tensor may carry a gradient).
+
+        Returns:
+            :class:`GaussianMixture`.
+        """
+        s = self._scalar_sigma(sigma)
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.means.device)
+        return GaussianMixture(
+            self.weights, (1.0 - s) * self.means, (1.0 - s) ** 2 * self.covs + s**2 * eye, validate=False
+        )
+
+    def _scalar_sigma(self, sigma: SigmaLike) -> Tensor:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+            raise TypeError(f"sigma must be a float or a 0-d tensor, got {type(sigma).__name__}")
+        s = torch.as_tensor(sigma, dtype=self.dtype)
+        if s.dim() != 0:
+            raise ValueError(f"sigma must be a scalar here, got shape {tuple(s.shape)}")
+        if not bool(torch.isfinite(s)) or not 0.0 <= float(s) <= 1.0:
+            raise ValueError(f"sigma must lie in [0, 1], got {float(s)!r}")
+        return s
+
+    def _batch_sigma(self, sigma: SigmaLike, batch: int) -> Tensor:
+        """sigma as a ``(1,)`` or ``(B,)`` tensor of the mixture's dtype, checked to lie in [0, 1]."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+            raise TypeError(f"sigma must be a float or a (B,) tensor, got {type(sigma).__name__}")
+        s = torch.as_tensor(sigma, dtype=self.dtype)
+        if s.dim() == 0:
+            s = s.reshape(1)
+        elif s.dim() != 1 or s.shape[0] != batch:
+            raise ValueError(f"sigma must be a float or a tensor of shape ({batch},), got {tuple(s.shape)}")
+        if not bool(torch.isfinite(s).all()) or not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError(f"sigma must lie in [0, 1], got {s.detach().flatten()[:6].tolist()}")
+        return s
+
+    def posterior(self, x: Tensor, sigma: SigmaLike) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""Posterior pieces at noise level ``sigma``.
+
+        Args:
+            x: ``(B, d)`` noisy state :math:`x_\sigma`.
+            sigma: float or ``(B,)`` in ``[0, 1]``.
+
+        Returns:
+            ``(log_p, eps_hat, x0_hat)``: :math:`\log p_\sigma(x)` ``(B,)``,
+            :math:`\mathbb E[\varepsilon|x]` ``(B, d)`` and :math:`\mathbb E[x_0|x]` ``(B, d)``.
+        """
+        x = self._check_x(x)
+        s = self._batch_sigma(sigma, x.shape[0])  # (Bs,)
+        d = self.dim
+        eye = torch.eye(d, dtype=self.dtype, device=x.device)
+        a = (1.0 - s)[:, None, None, None]  # (Bs, 1, 1, 1)
+        C = a**2 * self.covs[None] + (s**2)[:, None, None, None] * eye  # (Bs, K, d, d)
+        Lc = torch.linalg.cholesky(C)
+        diff = x[:, None, :] - (1.0 - s)[:, None, None] * self.means[None]  # (B, K, d)
+        diff_c = diff.unsqueeze(-1)
+        u = torch.cholesky_solve(diff_c, Lc).squeeze(-1)  # (B, K, d) = C^{-1} diff
+        half_logdet = torch.log(torch.diagonal(Lc, dim1=-2, dim2=-1)).sum(-1)  # (Bs, K)
+        comp = -0.5 * (diff * u).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI  # (B, K)
+        joint = self.log_weights + comp
+        log_p = torch.logsumexp(joint, dim=-1)
+        resp = torch.exp(joint - log_p[:, None])  # (B, K)
+        ru = (resp[..., None] * u).sum(1)  # (B, d)
+        eps_hat = s[:, None] * ru
+        Su = (self.covs[None] @ u.unsqueeze(-1)).squeeze(-1)  # (B, K, d)
+        x0_k = self.means[None] + (1.0 - s)[:, None, None] * Su
+        x0_hat = (resp[..., None] * x0_k).sum(1)
+        return log_p, eps_hat, x0_hat
+
+    def velocity(self, x: Tensor, sigma: SigmaLike) -> Tensor:
+        r"""Exact flow-matching velocity :math:`v(x,\sigma) = \mathbb E[\varepsilon - x_0 \mid x_\sigma = x]`.
+
+        Args:
+            x: ``(B, d)``.
+            sigma: float or ``(B,)`` in ``[0, 1]``.
+
+        Returns:
+            ``(B, d)``; differentiable in ``x`` and in the mixture parameters.
+        """
+        _, eps_hat, x0_hat = self.posterior(x, sigma)
+        return eps_hat - x0_hat
+
+    def score(self, x: Tensor, sigma: SigmaLike) -> Tensor:
+        r"""Score :math:`\nabla_x\log p_\sigma(x) = -\sum_k\gamma_k C_k^{-1}(x-\mu_k)`, ``(B, d)``.
+
+        Computed as :math:`-\mathbb E[\varepsilon|x]/\sigma` for ``sigma > 0`` and directly at
+        ``sigma = 0``.
+        """
+        x = self._check_x(x)
+        s = self._batch_sigma(sigma, x.shape[0])
+        if bool((s > 0).all()):
+            _, eps_hat, _ = self.posterior(x, sigma)
+            return -eps_hat / s[:, None]
+        x_req = x.detach().requires_grad_(True) if not x.requires_grad else x
+        with torch.enable_grad():
+            lp = self.posterior(x_req, sigma)[0]
+            (g,) = torch.autograd.grad(lp.sum(), x_req, create_graph=torch.is_grad_enabled())
+        return g
+
+    def denoise(self, x: Tensor, sigma: SigmaLike) -> Tensor:
+        r"""Posterior mean of the data :math:`\mathbb E[x_0|x_\sigma = x]`, ``(B, d)``."""
+        return self.posterior(x, sigma)[2]
+
+    def marginal_log_prob(self, x: Tensor, sigma: SigmaLike) -> Tensor:
+        r""":math:`\log p_\sigma(x)` with per-sample ``sigma`` (float or ``(B,)``), ``(B,)``."""
+        return self.posterior(x, sigma)[0]
+
+    # ------------------------------------------------------------------ tilting (D7, D12)
+    def tilt(
+        self, reward: Union[QuadraticFormReward, Sequence[QuadraticFormReward]], beta: SigmaLike
+    ) -> Tuple["GaussianMixture", Tensor]:
+        r"""Exponential tilt :math:`p^*(x) = p(x)\,e^{r(x)/\beta}/Z` by a concave quadratic reward.
+
+        With :math:`r(x) = -\tfrac12 x^\top A x + h^\top x + r_0`, :math:`Q = A/\beta`,
+        :math:`g_k = \nabla r(m_k)/\beta`, :math:`S_k = L_k L_k^\top`,
+        :math:`B_k = I + L_k^\top Q L_k`:
+
+        .. math::
+            S_k' = L_k B_k^{-1} L_k^\top,\quad m_k' = m_k + S_k' g_k,\quad
+            \log c_k = \frac{r(m_k)}{\beta} + \tfrac12 g_k^\top S_k' g_k - \tfrac12\log\det B_k,
+
+            w_k' = \frac{w_k c_k}{Z},\qquad \log Z = \operatorname{logsumexp}_k(\log w_k + \log c_k).
+
+        Args:
+            reward: a :func:`~toys.rewards.LinearReward`, :func:`~toys.rewards.QuadraticReward`,
+                :class:`~toys.rewards.QuadraticFormReward`, or a sequence of them (tilt by the sum:
+                the joint multi-reward target).
+            beta: temperature ``> 0`` (float or 0-d tensor).
+
+        Returns:
+            ``(tilted, log_Z)``: the tilted :class:`GaussianMixture` and the 0-d tensor
+            :math:`\log Z = \log\mathbb E_p[e^{r/\beta}]`.
+
+        Reference: ``rtdmd``, ``crd``, ``diffusionopd`` (reward-tilted target, D7).
+        """
+        r = as_quadratic_form(reward)
+        if r.dim != self.dim:
+            raise ValueError(f"reward has dimension {r.dim} but the mixture has dimension {self.dim}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, Tensor)):
+            raise TypeError(f"beta must be a positive float, got {type(beta).__name__}")
+        b = torch.as_tensor(beta, dtype=self.dtype)
+        if b.dim() != 0 or not bool(torch.isfinite(b)) or not float(b) > 0:
+            raise ValueError(f"beta must be a finite scalar > 0, got {beta!r}")
+        A, h, r0 = r.canonical()
+        Q = A.to(self.dtype) / b
+        eta = h.to(self.dtype) / b
+        L = torch.linalg.cholesky(self.covs)  # (K, d, d)
+        eye = torch.eye(self.dim, dtype=self.dtype)
+        Bk = eye + L.transpose(-1, -2) @ Q @ L  # (K, d, d), SPD
+        LB = torch.linalg.cholesky(Bk)
+        M = torch.linalg.solve_triangular(LB, L.transpose(-1, -2), upper=False)  # LB^{-1} L^T
+        S_new = M.transpose(-1, -2) @ M
+        S_new = 0.5 * (S_new + S_new.transpose(-1, -2))
+        g = eta[None] - self.means @ Q  # (K, d) gradient of r/beta at m_k (Q symmetric)
+        m_new = self.means + (S_new @ g.unsqueeze(-1)).squeeze(-1)
+        r_m = -0.5 * ((self.means @ Q) * self.means).sum(-1) + self.means @ eta + r0 / b
+        log_c = (
+            r_m
+            + 0.5 * (g * (S_new @ g.unsqueeze(-1)).squeeze(-1)).sum(-1)
+            - torch.log(torch.diagonal(LB, dim1=-2, dim2=-1)).sum(-1)
+        )
+        joint = self.log_weights + log_c
+        log_Z = torch.logsumexp(joint, dim=0)
+        w_new = torch.exp(joint - log_Z)
+        return GaussianMixture(w_new, m_new, S_new, validate=False), log_Z
+
+    def tilt_sum(
+        self,
+        rewards: Sequence[QuadraticFormReward],
+        beta: SigmaLike,
+        weights: Optional[Sequence[float]] = None,
+    ) -> Tuple["GaussianMixture", Tensor]:
+        r"""Tilt by the weighted sum :math:`\sum_j \lambda_j r_j` (joint multi-reward target).
+
+        .. math::
+            p^* \propto p\,\exp\Big(\sum_j \lambda_j r_j/\beta\Big)
+
+        Reference: ``diffusionopd`` (multi-reward targets), ``rtdmd``.
+        """
+        return self.tilt(sum_rewards(rewards, weights), beta)
+
+    def geometric_tilt(self, teacher: "GaussianMixture", lam: float) -> Tuple["GaussianMixture", Tensor]:
+        r"""G-OPD target :math:`p_{ref}(p_T/p_{ref})^\lambda / Z` for single Gaussians (D12).
+
+        See :func:`geometric_tilt`.  ``self`` is :math:`p_{ref}`.
+        """
+        return geometric_tilt(self, teacher, lam)
+
+    # ------------------------------------------------------------------ KL
+    def kl_exact(self, other: "GaussianMixture") -> Tensor:
+        """Exact KL(self || other) for single Gaussians (``K = 1`` both); see :func:`gaussian_kl`."""
+        return gaussian_kl(self, other)
+
+    def kl_monte_carlo(
+        self, other: "GaussianMixture", n: int, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Tensor]:
+        r"""Monte-Carlo :math:`\mathrm{KL}(p\|q) \approx \frac1n\sum_i [\log p(x_i) - \log q(x_i)]`,
+        :math:`x_i\sim p`, with exact log-densities (GMM KLs have no closed form).
+
+        Returns:
+            ``(estimate, standard_error)`` 0-d tensors (standard error = sample sd / sqrt(n)).
+        """
+        if not isinstance(other, GaussianMixture) or other.dim != self.dim:
+            raise ValueError("other must be a GaussianMixture of the same dimension")
+        x = self.sample(n, generator)
+        lr = self.log_prob(x) - other.to(self.dtype).log_prob(x)
+        return lr.mean(), lr.std() / math.sqrt(n)
+
+
+# ---------------------------------------------------------------------- free functions
+def gaussian_kl(p: GaussianMixture, q: GaussianMixture) -> Tensor:
+    r"""Exact KL between two single Gaussians (one-component mixtures), full covariances.
+
+    .. math::
+        \mathrm{KL}(\mathcal N(m_p,S_p)\|\mathcal N(m_q,S_q)) = \tfrac12\Big[\operatorname{tr}(S_q^{-1}S_p)
+        + (m_q-m_p)^\top S_q^{-1}(m_q-m_p) - d + \log\frac{\det S_q}{\det S_p}\Big]
+
+    Returns:
+        0-d tensor.
+
+    Reference: ``dmd`` / ``diffusionopd`` (Gaussian KLs).
+    """
+    for name, g in (("p", p), ("q", q)):
+        if not isinstance(g, GaussianMixture):
+            raise TypeError(f"{name} must be a GaussianMixture, got {type(g).__name__}")
+        if g.n_components != 1:
+            raise ValueError(
+                f"{name} has {g.n_components} components: the KL between mixtures has no closed form "
+                "(use kl_monte_carlo or exact log-densities)"
+            )
+    if p.dim != q.dim:
+        raise ValueError(f"p and q have dimensions {p.dim} and {q.dim}")
+    Sp, Sq = p.covs[0], q.covs[0].to(p.dtype)
+    dm = (q.means[0].to(p.dtype) - p.means[0])[:, None]
+    Lq = torch.linalg.cholesky(Sq)
+    Lp = torch.linalg.cholesky(Sp)
+    A = torch.linalg.solve_triangular(Lq, Lp, upper=False)
+    z = torch.linalg.solve_triangular(Lq, dm, upper=False)
+    logdet = 2.0 * (torch.log(torch.diagonal(Lq)).sum() - torch.log(torch.diagonal(Lp)).sum())
+    return 0.5 * ((A**2).sum() + (z**2).sum() - p.dim + logdet)
+
+
+def geometric_tilt(
+    ref: GaussianMixture, teacher: GaussianMixture, lam: float
+) -> Tuple[GaussianMixture, Tensor]:
+    r"""The G-OPD target :math:`p^*_\lambda = p_{ref}^{1-\lambda} p_T^{\lambda} / Z_\lambda` (D12).
+
+    For single Gaussians the log-density is quadratic, so with precisions
+    :math:`\Lambda = (1-\lambda)\Lambda_{ref} + \lambda\Lambda_T` (must be positive definite, which can
+    fail for :math:`\lambda > 1`):
+
+    .. math::
+        S^* = \Lambda^{-1},\quad m^* = S^*\big((1-\lambda)\Lambda_{ref} m_{ref} + \lambda\Lambda_T m_T\big),
+
+        \log Z_\lambda = \log\!\int p_{ref}^{1-\lambda} p_T^{\lambda}\,dx .
+
+    For mixtures the product is not a mixture in general; the case the toys need — the teacher is
+    the reward tilt :math:`p_T = p_{ref} e^{r/\beta}/Z` — is ``ref.tilt(reward, beta / lam)`` (the
+    target is :math:`p_{ref} e^{\lambda r/\beta}/Z'`), which is exact for any GMM.
+
+    Args:
+        ref: one-component mixture :math:`p_{ref}`.
+        teacher: one-component mixture :math:`p_T`.
+        lam: reward scale :math:`\lambda` (any real; 1 gives the teacher, 0 the reference).
+
+    Returns:
+        ``(target, log_Z)``.
+
+    Reference: ``gopd`` (reward extrapolation), D12.
+    """
+    for name, g in (("ref", ref), ("teacher", teacher)):
+        if not isinstance(g, GaussianMixture):
+            raise TypeError(f"{name} must be a GaussianMixture, got {type(g).__name__}")
+        if g.n_components != 1:
+            raise ValueError(
+                f"{name} has {g.n_components} components: p_ref^(1-lam) p_T^lam is a GMM in closed form "
+                "only for single Gaussians; for a reward-tilted teacher use ref.tilt(reward, beta / lam)"
+            )
+    if ref.dim != teacher.dim:
+        raise ValueError(f"ref and teacher have dimensions {ref.dim} and {teacher.dim}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite float, got {lam!r}")
+    dt = ref.dtype
+    Pr = torch.linalg.inv(ref.covs[0])
+    Pt = torch.linalg.inv(teacher.covs[0].to(dt))
+    mr, mt = ref.means[0], teacher.means[0].to(dt)
+    Lam = (1.0 - lam) * Pr + lam * Pt
+    Lam = 0.5 * (Lam + Lam.T)
+    L, info = torch.linalg.cholesky_ex(Lam)
+    if int(info) != 0:
+        raise ValueError(
+            f"p_ref^(1-lam) p_T^lam is not normalisable for lam={lam}: the combined precision "
+            "(1-lam) P_ref + lam P_T is not positive definite"
+        )
+    eta = (1.0 - lam) * Pr @ mr + lam * Pt @ mt
+    S = torch.cholesky_inverse(L)
+    S = 0.5 * (S + S.T)
+    m = S @ eta
+    # log Z = log ∫ exp(-1/2 x^T Lam x + eta^T x + c0), with c0 collecting both normalisers
+    d = ref.dim
+    logdet_r = torch.logdet(ref.covs[0])
+    logdet_t = torch.logdet(teacher.covs[0].to(dt))
+    c0 = (
+        -0.5 * (1.0 - lam) * (mr @ Pr @ mr + logdet_r + d * _LOG_2PI)
+        - 0.5 * lam * (mt @ Pt @ mt + logdet_t + d * _LOG_2PI)
+    )
+    log_Z = c0 + 0.5 * (eta @ m) + 0.5 * d * _LOG_2PI - torch.log(torch.diagonal(L)).sum()
+    target = GaussianMixture(torch.ones(1, dtype=dt), m[None], S[None], validate=False)
+    return target, log_Z
+
+
+def _validate(weights: object, means: object, covs: object) -> None:
+    for name, t in (("weights", weights), ("means", means), ("covs", covs)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not torch.is_floating_point(t):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    assert isinstance(weights, Tensor) and isinstance(means, Tensor) and isinstance(covs, Tensor)
+    if not (weights.dtype == means.dtype == covs.dtype):
+        raise TypeError(
+            f"weights, means and covs must share a dtype, got {weights.dtype}, {means.dtype}, {covs.dtype}"
+        )
+    if weights.dim() != 1 or weights.shape[0] < 1:
+        raise ValueError(f"weights must have shape (K,), got {tuple(weights.shape)}")
+    K = weights.shape[0]
+    if means.dim() != 2 or means.shape[0] != K or means.shape[1] < 1:
+        raise ValueError(f"means must have shape ({K}, d), got {tuple(means.shape)}")
+    d = means.shape[1]
+    if covs.shape != (K, d, d):
+        raise ValueError(f"covs must have shape ({K}, {d}, {d}), got {tuple(covs.shape)}")
+    for name, t in (("weights", weights), ("means", means), ("covs", covs)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values")
+    w = weights.detach()
+    if bool((w < 0).any()):
+        raise ValueError(f"weights must be non-negative, got {w.tolist()}")
+    total = float(w.to(torch.float64).sum())
+    if abs(total - 1.0) > _weight_tol(weights.dtype):
+        raise ValueError(f"weights must sum to 1, got sum {total!r} (weights {w.tolist()})")
+    c = covs.detach()
+    scale = max(1.0, float(c.abs().max()))
+    asym = float((c - c.transpose(-1, -2)).abs().max())
+    if asym > 1e-6 * scale:
+        raise ValueError(f"covs must be symmetric, got max |S - S^T| = {asym:.3g}")
+    _, info = torch.linalg.cholesky_ex(c)
+    bad = torch.nonzero(info).flatten().tolist()
+    if bad:
+        raise ValueError(f"covs must be positive definite; component(s) {bad} are not")

@@ -5,8 +5,8 @@
    the API pages show the docstrings' math converted for MathJax.
 2. Every public function and class of ``opd_ref`` (each name in a submodule's ``__all__`` and in
    ``opd_ref.__all__``) has a Google-style docstring with an ``Args:`` section (when it takes
-   arguments), a ``Returns:`` section (functions), math (a ``.. math::`` block or an inline ``:math:``
-   role) and a citation key of
+   arguments; a class may list ``Attributes:`` instead), a ``Returns:`` section (functions), math
+   (a ``.. math::`` block or an inline ``:math:`` role) and a citation key of
    DESIGN.md.  The test lists every offender by qualified name and what it lacks.
 3. Every public ``opd_ref`` module has its API page; every derivation page has the sections of the
    docs format (Statement, Proof sketch, Code, Tests, Figure) and its code names and test paths exist.
@@ -51,6 +51,8 @@ CITATION_KEYS = (
 _KEY_RE = re.compile(r"(?<![A-Za-z0-9_-])(" + "|".join(re.escape(k) for k in CITATION_KEYS) + r")(?![A-Za-z0-9_])")
 _SECTION_RE = {
     "Args": re.compile(r"^\s*(Args|Arguments|Parameters):\s*$", re.M),
+    # a (data)class may document its fields instead
+    "Attributes": re.compile(r"^\s*(Args|Arguments|Parameters|Attributes):\s*$", re.M),
     "Returns": re.compile(r"^\s*(Returns|Yields):\s*$", re.M),
 }
 # Math: a ``.. math::`` block, or an inline ``:math:`` role for one-formula objects (the site renders
@@ -108,7 +110,8 @@ def docstring_problems(obj) -> list:
     if not doc:
         return ["no docstring"]
     problems = []
-    if _takes_arguments(obj) and not _SECTION_RE["Args"].search(doc):
+    args_re = _SECTION_RE["Attributes" if inspect.isclass(obj) else "Args"]
+    if _takes_arguments(obj) and not args_re.search(doc):
         problems.append("no Args: section")
     if _returns_something(obj) and not _SECTION_RE["Returns"].search(doc):
         problems.append("no Returns: section")

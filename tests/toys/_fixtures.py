@@ -30,3 +30,27 @@ def random_gmm(seed: int, k: int = 3, d: int = 2, dtype: torch.dtype = F64) -> G
     S = q @ torch.diag_embed(ev) @ q.transpose(-1, -2)
     S = 0.5 * (S + S.transpose(-1, -2))
     return GaussianMixture(w.to(dtype), m.to(dtype), S.to(dtype))
+
+
+def gauss_hermite_expectation(p: GaussianMixture, f, n: int = 40):
+    r"""``E_p[f(x)]`` by tensor-product Gauss–Hermite quadrature on every component of ``p``.
+
+    ``f`` maps ``(N, d)`` to ``(N,)`` (or ``(N, ...)``); the result keeps autograd through ``p``'s
+    means and covariances (nodes ``x = m_k + L_k z``).  Exact for polynomials of degree < 2n in x.
+    """
+    import itertools
+
+    import numpy as np
+
+    z1, w1 = np.polynomial.hermite_e.hermegauss(n)
+    w1 = w1 / np.sqrt(2.0 * np.pi)
+    d = p.dim
+    z = torch.tensor(list(itertools.product(z1, repeat=d)), dtype=p.dtype)
+    w = torch.tensor([float(np.prod(c)) for c in itertools.product(w1, repeat=d)], dtype=p.dtype)
+    L = torch.linalg.cholesky(p.covs)
+    total = 0.0
+    for k in range(p.n_components):
+        x = p.means[k] + z @ L[k].T
+        fx = f(x)
+        total = total + p.weights[k] * torch.tensordot(w, fx, dims=([0], [0]))
+    return total

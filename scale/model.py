@@ -474,7 +474,8 @@ def load_lora(transformer, path: str | os.PathLike, adapter_name: str) -> None:
     file, state = _read_lora_file(Path(path).expanduser())
     prefix = "transformer" if all(k.startswith("transformer.") for k in state) else None
     _check_lora_fits(transformer, state, prefix, f"LoRA file {str(file)!r}")
-    with _flags_preserved(transformer):
+    with _flags_preserved(transformer), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         transformer.load_lora_adapter(
             str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=adapter_name
         )

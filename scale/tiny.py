@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_pipeline", "TINY_SIZES"]
+__all__ = ["build_tiny_pipeline", "make_tiny_pipeline", "TINY_SIZES"]
 
 #: The sizes of the tiny pipeline (one place, so tests and docs can quote them).
 TINY_SIZES = {
@@ -99,16 +99,33 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         The directory, loadable with ``StableDiffusion3Pipeline.from_pretrained`` offline.
 
     Raises:
-        ValueError: ``out_dir`` exists and is not empty, or ``seed`` is not an int.
+        ValueError: ``out_dir`` exists and is not empty.
+        TypeError: ``seed`` is not an int.
 
     Reference: ``flowgrpo``, ``diffusionopd`` (SD3.5-Medium is the model they fine-tune).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir must be an empty or absent directory, got {str(out)!r} (not empty)")
+    pipe = make_tiny_pipeline(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    return out
 
+
+def make_tiny_pipeline(seed: int = 0):
+    """The in-memory pipeline that :func:`build_tiny_pipeline` saves (same ``seed``, same weights).
+
+    Args:
+        seed: integer seed of the random weights.
+
+    Returns:
+        ``StableDiffusion3Pipeline`` on the CPU in float32, every component in ``eval()`` mode.
+
+    Reference: ``flowgrpo``, ``diffusionopd`` (SD3.5-Medium architecture).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -199,6 +216,4 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     for module in (transformer, vae, *text_encoders, t5):
         module.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out)
-    return out
+    return pipe

@@ -5,6 +5,9 @@ Conventions: ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``,
 sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims.
 """
 
+from opd_ref.bregman import bregman_divergence, bregman_generator_surrogate, bregman_gradient_weight
+from opd_ref.crd import center_in_groups, crd_loss, implicit_reward, uncentered_reward_loss
+from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.divergences import (
     cps_log_prob_flowgrpo,
     diag_gaussian_kl,
@@ -13,6 +16,7 @@ from opd_ref.divergences import (
     gaussian_log_prob_dim_mean,
     same_cov_kl,
 )
+from opd_ref.gopd import gopd_sample_loss, gopd_step_loss, gopd_target_gaussian
 from opd_ref.kernels import (
     GaussianStep,
     cps_kl_coefficient,
@@ -55,4 +59,15 @@ __all__ = [
     "ppo_surrogate_loss",
     "sde_kl_rescaled",
     "deterministic_limit_weight",
+    "implicit_reward",
+    "center_in_groups",
+    "crd_loss",
+    "uncentered_reward_loss",
+    "distribution_matching_surrogate",
+    "bregman_divergence",
+    "bregman_gradient_weight",
+    "bregman_generator_surrogate",
+    "gopd_sample_loss",
+    "gopd_step_loss",
+    "gopd_target_gaussian",
 ]

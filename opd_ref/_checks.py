@@ -100,7 +100,7 @@ def check_nonneg(name: str, value: SigmaLike, like: Tensor, *, upper: float | No
     """A non-negative (and at most ``upper``) scalar or per-sample parameter, broadcast like ``like``."""
     t = as_batch_tensor(name, value, like)
     if not bool((t >= 0).all()) or (upper is not None and not bool((t <= upper).all())):
-        rng = f"[0, {upper}]" if upper is not None else ">= 0"
+        rng = f"[0, {upper:g}]" if upper is not None else ">= 0"
         raise ValueError(f"{name} must be {rng}, got {_show(t)}")
     return t
 

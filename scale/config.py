@@ -1,0 +1,285 @@
+"""One typed configuration for ``opd-scale train`` (DiffusionOPD two-stage recipe on SD3 / SD3.5).
+
+Defaults follow the public Flow-GRPO / DiffusionOPD settings for SD3.5-Medium (512 px, 10 rollout
+steps, noise level 0.7, CFG 4.5, LoRA r 32 / alpha 64 on Flow-GRPO's attention targets). A config
+loads from a JSON or TOML file and is overridden on the command line with ``--set key=value`` or
+``--key value``; an unknown key is an error that names it.
+
+Reference: ``diffusionopd`` (two-stage recipe, multi-task OPD), ``flowgrpo`` (GRPO, SDE sampler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping
+
+from scale.model import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
+
+__all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value"]
+
+KERNELS = ("sde", "cps", "ode")
+LOSSES = ("opd_kl", "ode", "ppo_opd", "crd")
+KL_FORMS = ("exact", "flowgrpo")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ScaleConfig:
+    """Every knob of ``opd-scale train``; one comment per field says what it is and where the
+    default comes from."""
+
+    # ---- model and run ----------------------------------------------------------------------
+    model: str = ""  # local diffusers directory (or cached hub id) of an SD3 / SD3.5 pipeline; required
+    output_dir: str = "runs/opd"  # run directory: config.json, metrics.jsonl, samples/, checkpoint/, student/
+    dtype: str = "auto"  # weights dtype: auto = bfloat16 on CUDA (Flow-GRPO mixed precision), float32 on CPU
+    seed: int = 0  # master seed; every rollout's noise is derived from (seed, update, task, micro-batch)
+
+    # ---- sampler (rollouts) -----------------------------------------------------------------
+    resolution: int = 512  # image side in pixels (Flow-GRPO / DiffusionOPD SD3.5-Medium: 512)
+    num_steps: int = 10  # rollout steps on the scheduler's sigma grid (Flow-GRPO training sampler: 10)
+    kernel: str = "sde"  # transition kernel of the rollouts: sde (Flow-GRPO), cps, or ode (a = 0)
+    noise_level: float = 0.7  # SDE noise level a (Flow-GRPO: 0.7); ignored by the ode kernel
+    guidance_scale: float = 4.5  # classifier-free guidance for student, teachers and reference (4.5)
+    max_sequence_length: int = 128  # T5 tokens per prompt (Flow-GRPO uses 128 for SD3.5)
+    train_steps: List[int] = field(default_factory=list)  # rollout step indices trained; [] = all steps
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+    lora_rank: int = 32  # LoRA rank r (Flow-GRPO / DiffusionOPD: 32)
+    lora_alpha: int = 64  # LoRA alpha (scale alpha / r = 2; Flow-GRPO: 64)
+    lora_targets: List[str] = field(default_factory=lambda: list(FLOW_GRPO_TARGETS))  # Flow-GRPO targets
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    learning_rate: float = 3e-4  # AdamW learning rate (Flow-GRPO SD3.5 LoRA: 3e-4)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    weight_decay: float = 1e-4  # AdamW weight decay (Flow-GRPO: 1e-4)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # gradient clipping of the LoRA parameters (Flow-GRPO: 1.0); 0 = off
+    batch_size: int = 8  # prompts per task per update over all processes (stage 2: one rollout each)
+    micro_batch_size: int = 1  # samples per forward pass; (batch_size / micro_batch_size) % world_size == 0
+    gradient_checkpointing: bool = False  # recompute transformer activations in backward (saves memory on GPU)
+
+    # ---- stage 1: GRPO task teachers (optional) ---------------------------------------------
+    stage1_steps: int = 0  # GRPO updates per task teacher; 0 skips stage 1 (teachers given as LoRA files)
+    rewards: List[str] = field(default_factory=list)  # per task: built-in reward name or "module:function"
+    group_size: int = 16  # rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)
+    clip_range: float = 1e-4  # PPO ratio clip epsilon (Flow-GRPO: 1e-4)
+    kl_beta: float = 0.04  # weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)
+    kl_form: str = "exact"  # exact = opd_ref.same_cov_kl (true per-step KL); flowgrpo = public code's form
+    adv_eps: float = 1e-4  # epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)
+    ppo_epochs: int = 1  # optimisation passes over each rollout batch (ratio != 1 only when > 1)
+
+    # ---- stage 2: multi-teacher on-policy distillation ------------------------------------
+    distill_steps: int = 100  # stage-2 updates; one update = one round-robin cycle over all tasks
+    loss: str = "opd_kl"  # opd_kl (closed-form SDE KL), ode (transition matching), ppo_opd, crd
+    tasks: List[str] = field(default_factory=list)  # task names (one teacher LoRA per task)
+    prompt_files: List[str] = field(default_factory=list)  # per task: text file, one prompt per line
+    teacher_loras: List[str] = field(default_factory=list)  # per task: diffusers LoRA file/dir ("" = stage 1)
+    heldout_prompt_file: str = ""  # prompts for the held-out student-teacher KL metric ("" = off)
+    crd_beta: float = 1.0  # CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)
+
+    # ---- durability and logging -------------------------------------------------------------
+    checkpoint_every: int = 50  # atomic checkpoint every N updates (and always on SIGTERM); 0 = only at end
+    sample_every: int = 50  # write a sample grid every N updates; 0 = only at the end
+    num_sample_prompts: int = 4  # prompts (first of each task) in each sample grid
+    eval_every: int = 0  # held-out KL every N updates (0 = only before and after training)
+
+    def validate(self) -> "ScaleConfig":
+        """Check every value's type and range (path-like values become ``str``); raise
+        ``ValueError`` naming the key and the value."""
+        for key, typ in _field_types().items():
+            val = getattr(self, key)
+            if isinstance(val, os.PathLike):
+                val = os.fspath(val)
+            elif isinstance(val, (list, tuple)):
+                val = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in val]
+            setattr(self, key, parse_value(key, val))
+        positive = (
+            "resolution", "num_steps", "lora_rank", "lora_alpha", "batch_size", "micro_batch_size",
+            "group_size", "max_sequence_length", "num_sample_prompts", "ppo_epochs",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config {key} must be > 0, got {getattr(self, key)!r}")
+        nonneg = ("stage1_steps", "distill_steps", "checkpoint_every", "sample_every", "eval_every",
+                  "max_grad_norm", "weight_decay", "kl_beta")
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise ValueError(f"config {key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("learning_rate", "adam_eps", "clip_range", "adv_eps", "crd_beta"):
+            val = getattr(self, key)
+            if not (math.isfinite(val) and val > 0):
+                raise ValueError(f"config {key} must be a finite number > 0, got {val!r}")
+        for key, allowed in (("kernel", KERNELS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.kernel != "ode" and not (0 < self.noise_level and (self.kernel != "cps" or self.noise_level <= 1)):
+            raise ValueError(
+                f"config noise_level must be > 0 for kernel {self.kernel!r} (<= 1 for cps), got {self.noise_level!r}"
+            )
+        if self.loss in ("opd_kl", "ppo_opd", "crd") and self.kernel == "ode":
+            raise ValueError(f"config loss {self.loss!r} needs a stochastic kernel (sde or cps), got kernel 'ode'")
+        if self.loss == "ode" and self.kernel != "ode":
+            raise ValueError(f"config loss 'ode' (transition matching) needs kernel 'ode', got {self.kernel!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"config batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        for idx in self.train_steps:
+            if not 0 <= idx < self.num_steps:
+                raise ValueError(f"config train_steps entries must lie in [0, num_steps={self.num_steps}), got {idx}")
+        if len(set(self.train_steps)) != len(self.train_steps):
+            raise ValueError(f"config train_steps has duplicates: {self.train_steps}")
+        n = len(self.tasks)
+        for key in ("prompt_files", "teacher_loras", "rewards"):
+            val = getattr(self, key)
+            if val and len(val) != n:
+                raise ValueError(f"config {key} needs one entry per task ({n} tasks {self.tasks}), got {len(val)}: {val}")
+        if len(set(self.tasks)) != n:
+            raise ValueError(f"config tasks must be distinct names, got {self.tasks}")
+        return self
+
+    def trained_step_indices(self) -> List[int]:
+        """The rollout step indices that are trained, sorted (all steps when ``train_steps`` is empty)."""
+        return sorted(self.train_steps) if self.train_steps else list(range(self.num_steps))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as indented JSON (what ``config.json`` of a run holds)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def _field_types() -> Dict[str, Any]:
+    return typing.get_type_hints(ScaleConfig)
+
+
+def parse_value(key: str, raw: Any) -> Any:
+    """Coerce ``raw`` (a string from the command line, or a JSON/TOML value) to the type of ``key``.
+
+    Lists accept a JSON list (``'["a", "b"]'``) or a comma-separated string (``a,b``; empty = ``[]``);
+    booleans accept true/false/1/0/yes/no.
+
+    Raises:
+        ValueError: unknown key (named, with the known keys) or a value of the wrong type.
+    """
+    types = _field_types()
+    if key not in types:
+        raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(types))}")
+    typ = types[key]
+    origin = typing.get_origin(typ)
+    try:
+        if origin in (list, List):
+            (item_type,) = typing.get_args(typ)
+            if isinstance(raw, str):
+                text = raw.strip()
+                if text.startswith("["):
+                    raw = json.loads(text)
+                else:
+                    raw = [] if text == "" else [part.strip() for part in text.split(",")]
+            if not isinstance(raw, (list, tuple)):
+                raise TypeError(f"expected a list, got {type(raw).__name__}")
+            return [_scalar(item_type, item) for item in raw]
+        return _scalar(typ, raw)
+    except (TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"config key {key!r} expects {_type_name(typ)}, got {raw!r} ({err})") from None
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _scalar(typ: Any, raw: Any) -> Any:
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.strip().lower() in ("true", "1", "yes")
+        raise TypeError(f"expected a boolean, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise TypeError("expected an integer, got a boolean")
+        if isinstance(raw, float):
+            if not raw.is_integer():
+                raise TypeError(f"expected an integer, got {raw!r}")
+            return int(raw)
+        return int(raw)
+    if typ is float:
+        if isinstance(raw, bool):
+            raise TypeError("expected a number, got a boolean")
+        return float(raw)
+    if typ is str:
+        if not isinstance(raw, str):
+            raise TypeError(f"expected a string, got {type(raw).__name__}")
+        return raw
+    raise TypeError(f"unsupported field type {typ!r}")
+
+
+def apply_overrides(config: ScaleConfig, overrides: Mapping[str, Any] | Iterable[str]) -> ScaleConfig:
+    """Return a copy of ``config`` with overrides applied and validated.
+
+    Args:
+        config: the base config.
+        overrides: a mapping ``key -> value`` or an iterable of ``"key=value"`` strings (``--set``).
+
+    Raises:
+        ValueError: malformed ``key=value``, unknown key (named) or a bad value.
+    """
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"override must look like key=value, got {item!r}")
+            key, _, value = item.partition("=")
+            items.append((key.strip().replace("-", "_"), value))
+    values = {key: parse_value(key, value) for key, value in items}
+    return dataclasses.replace(config, **values).validate()
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> ScaleConfig:
+    """Load a config from a JSON (``.json``) or TOML (``.toml``) file, then apply ``overrides``.
+
+    Args:
+        path: config file, or ``None`` for the defaults.
+        overrides: as in :func:`apply_overrides`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown suffix, unparsable file, unknown key (named) or a bad value.
+    """
+    config = ScaleConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+        elif path.suffix == ".toml":
+            import tomllib
+
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        else:
+            raise ValueError(f"config file must end in .json or .toml, got {str(path)!r}")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a table/object, got {type(data).__name__}")
+        config = dataclasses.replace(config, **{k: parse_value(k, v) for k, v in data.items()})
+    return apply_overrides(config, overrides)

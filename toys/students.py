@@ -175,7 +175,7 @@ class GMMStudent(nn.Module):
         raw = self.chol_raw[task]
         L = torch.tril(raw, diagonal=-1) + torch.diag_embed(nn.functional.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)))
         covs = L @ L.transpose(-1, -2) + 1e-6 * torch.eye(self.dim, dtype=raw.dtype)
-        return GaussianMixture(torch.softmax(self.logits[task], dim=0), self.means[task], covs)
+        return GaussianMixture(torch.softmax(self.logits[task], dim=0), self.means[task], covs, validate=False)
 
     def velocity(self, x: Tensor, sigma: SigmaLike, task: int = 0) -> Tensor:
         r""":math:`v_{p_{\theta,k}}(x, \sigma)`, ``(B, d)``, differentiable in the parameters."""

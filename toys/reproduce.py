@@ -1,0 +1,163 @@
+"""``opd-toys reproduce``: run every registered toy experiment and write one run directory.
+
+Run directory layout::
+
+    OUT/config.json      command-line configuration, versions, experiment list
+    OUT/metrics.jsonl    one JSON object per logged point, each tagged with its "experiment"
+    OUT/figures/*.png    every experiment's figures
+    OUT/report.md        derivation checks (measured value, threshold, pass/fail), result tables
+
+Experiment interface (agreed contract): ``toys.experiments.<name>.run(out_dir, quick, seeds) -> dict``
+with keys ``checks``, ``figures``, ``tables``, ``metrics``.  An experiment whose module is not
+importable yet is recorded as "not available" instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import pathlib
+import platform
+import time
+import traceback
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["REGISTRY", "run_experiment", "reproduce", "write_report"]
+
+#: experiment name -> module path (imported lazily)
+REGISTRY: Dict[str, str] = {
+    "variance": "toys.experiments.variance",
+    "d4_limit": "toys.experiments.d4_limit",
+    "training": "toys.experiments.training",
+    "multitask": "toys.experiments.multitask",
+    "crd_centering": "toys.experiments.crd_centering",
+    "divergence_family": "toys.experiments.divergence_family",
+}
+
+
+def check_names(names: Iterable[str]) -> List[str]:
+    """Validate experiment names against :data:`REGISTRY` (``ValueError`` naming the bad one)."""
+    names = list(names)
+    for n in names:
+        if n not in REGISTRY:
+            raise ValueError(f"unknown experiment {n!r}; choose from {', '.join(REGISTRY)}")
+    return names
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def run_experiment(name: str, fig_dir: pathlib.Path, quick: bool, seeds: Sequence[int]) -> dict:
+    """Import and run one experiment; returns its result dict plus ``status`` and ``seconds``.
+
+    ``status`` is ``"ok"``, ``"not available"`` (module missing) or ``"error"`` (with traceback)."""
+    check_names([name])
+    module_path = REGISTRY[name]
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_path.startswith(exc.name):
+            return {"status": "not available", "reason": f"module {module_path} not found", "checks": [],
+                    "figures": [], "tables": {}, "metrics": [], "seconds": 0.0}
+        raise
+    t0 = time.perf_counter()
+    try:
+        res = module.run(fig_dir, quick=quick, seeds=tuple(seeds))
+        res = dict(res)
+        res["status"] = "ok"
+    except Exception:  # noqa: BLE001 - recorded in the report, the run goes on
+        res = {"status": "error", "reason": traceback.format_exc(limit=6), "checks": [], "figures": [],
+               "tables": {}, "metrics": []}
+    res["seconds"] = time.perf_counter() - t0
+    for key in ("checks", "figures", "tables", "metrics"):
+        res.setdefault(key, [] if key != "tables" else {})
+    return res
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0 or (1e-3 <= abs(v) < 1e4):
+            return f"{v:.4g}"
+        return f"{v:.3e}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> str:
+    """Write ``report.md`` and return its text."""
+    n_checks = sum(len(r["checks"]) for r in results.values())
+    n_pass = sum(bool(c["passed"]) for r in results.values() for c in r["checks"])
+    lines = ["# opd-toys reproduce report", "",
+             f"Mode: {'full' if config['full'] else 'quick'}; seeds {config['seeds']}; "
+             f"total {config.get('seconds', 0):.1f} s. Derivation checks passed: **{n_pass}/{n_checks}**.", "",
+             "## Experiments", "", "| experiment | status | seconds | figures |", "|---|---|---|---|"]
+    for name, r in results.items():
+        figs = ", ".join(f"[{f}](figures/{f})" for f in r["figures"]) or "-"
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.1f} | {figs} |")
+    lines += ["", "## Derivation checks", "", "| experiment | check | measured | threshold | result |",
+              "|---|---|---|---|---|"]
+    for name, r in results.items():
+        for c in r["checks"]:
+            lines.append(f"| {name} | {c['name']} | {_fmt(float(c['value']))} | {c['threshold']} | "
+                         f"{'PASS' if c['passed'] else 'FAIL'} |")
+    lines += ["", "## Results", ""]
+    for name, r in results.items():
+        if r["status"] != "ok":
+            lines += [f"### {name}", "", f"**{r['status']}**", "", "```", r.get("reason", "").strip(), "```", ""]
+            continue
+        for title, table in r["tables"].items():
+            lines += [f"### {name}: {title}", "", table, ""]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence[int]] = None,
+              only: Optional[Sequence[str]] = None, progress: bool = True) -> Dict[str, dict]:
+    """Run the registered experiments (or ``only`` those) and write the run directory ``out``.
+
+    Args:
+        out: run directory (created).
+        full: paper-quality mode (larger samples, >= 5 seeds by default) instead of quick mode.
+        seeds: seeds to run (default ``(0, 1, 2)`` quick, ``(0, 1, 2, 3, 4)`` full).
+        only: subset of experiment names.
+
+    Returns:
+        ``{name: result dict}``.
+    """
+    names = check_names(only) if only else list(REGISTRY)
+    if seeds is None:
+        seeds = (0, 1, 2, 3, 4) if full else (0, 1, 2)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    out = pathlib.Path(out)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    config = {"command": "reproduce", "full": bool(full), "seeds": seeds, "experiments": names,
+              "torch": torch.__version__, "python": platform.python_version(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    t0 = time.perf_counter()
+    results: Dict[str, dict] = {}
+    with open(out / "metrics.jsonl", "w") as fh:
+        bar = tqdm(names, desc="opd-toys reproduce", unit="exp", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            res = run_experiment(name, fig_dir, quick=not full, seeds=seeds)
+            results[name] = res
+            for m in res["metrics"]:
+                fh.write(json.dumps({"experiment": name, **m}, default=_json_default) + "\n")
+    config["seconds"] = time.perf_counter() - t0
+    config["status"] = {n: r["status"] for n, r in results.items()}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_report(out, config, results)
+    return results

@@ -625,8 +625,8 @@ def predict_velocity(
         out = transformer(
             hidden_states=x,
             timestep=t,
-            encoder_hidden_states=hidden.to(dtype),
-            pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=hidden.to(device=x.device, dtype=dtype),
+            pooled_projections=pooled.to(device=x.device, dtype=dtype),
             return_dict=False,
         )[0]
     out = out.to(torch.float32)

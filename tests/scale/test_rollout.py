@@ -15,6 +15,21 @@ from scale.rollout import decode, kernel_step, rollout, scheduler_sigmas
 NUM_STEPS = 4
 
 
+def _pipe_call(pipe, embeds, latents0, guidance_scale, **kwargs):
+    """StableDiffusion3Pipeline.__call__ with the given prompt embeddings and initial latents."""
+    with torch.no_grad():
+        return pipe(
+            prompt_embeds=embeds.prompt_embeds,
+            pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+            negative_prompt_embeds=embeds.negative_prompt_embeds,
+            negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds,
+            latents=latents0.clone(),
+            num_inference_steps=NUM_STEPS,
+            guidance_scale=guidance_scale,
+            **kwargs,
+        ).images
+
+
 def test_scheduler_sigmas_are_the_pipeline_grid(tiny_pipe):
     before = tiny_pipe.scheduler.sigmas.clone()
     sig = scheduler_sigmas(tiny_pipe, NUM_STEPS)
@@ -43,18 +58,8 @@ def test_ode_rollout_is_the_pipeline_sampler(tiny_pipe, embeds, latents0, guidan
         seen.append(kwargs["latents"].clone())
         return {}
 
-    call = dict(
-        prompt_embeds=embeds.prompt_embeds,
-        pooled_prompt_embeds=embeds.pooled_prompt_embeds,
-        negative_prompt_embeds=embeds.negative_prompt_embeds,
-        negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds,
-        latents=latents0.clone(),
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=guidance_scale,
-    )
-    with torch.no_grad():
-        final = tiny_pipe(**call, output_type="latent", callback_on_step_end=keep).images
-        image = tiny_pipe(**call, output_type="pt").images
+    final = _pipe_call(tiny_pipe, embeds, latents0, guidance_scale, output_type="latent", callback_on_step_end=keep)
+    image = _pipe_call(tiny_pipe, embeds, latents0, guidance_scale, output_type="pt")
     sig = scheduler_sigmas(tiny_pipe, NUM_STEPS)
     traj = rollout(
         tiny_pipe.transformer, embeds, sig, latents0, kernel="ode", noise_level=0.0, guidance_scale=guidance_scale
@@ -75,17 +80,7 @@ def test_ode_rollout_with_an_adapter_matches_the_pipeline_with_that_lora(tiny_pi
     traj_s = rollout(tiny_pipe.transformer, embeds, sig, latents0, kernel="ode", guidance_scale=4.5, adapter="student")
     traj_r = rollout(tiny_pipe.transformer, embeds, sig, latents0, kernel="ode", guidance_scale=4.5, adapter=None)
     tiny_pipe.transformer.set_adapter("student")
-    with torch.no_grad():
-        final = tiny_pipe(
-            prompt_embeds=embeds.prompt_embeds,
-            pooled_prompt_embeds=embeds.pooled_prompt_embeds,
-            negative_prompt_embeds=embeds.negative_prompt_embeds,
-            negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds,
-            latents=latents0.clone(),
-            num_inference_steps=NUM_STEPS,
-            guidance_scale=4.5,
-            output_type="latent",
-        ).images
+    final = _pipe_call(tiny_pipe, embeds, latents0, 4.5, output_type="latent")
     assert torch.equal(traj_s.final, final)
     assert float((traj_s.final - traj_r.final).abs().max()) > 1e-3
 

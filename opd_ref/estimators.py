@@ -156,7 +156,8 @@ def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) 
 def estimator_surrogate(
     name: str, student: GaussianStep, teacher_mean: Tensor, x_next: Tensor | None = None
 ) -> Tensor:
-    """Dispatch to the surrogate named ``name`` (one of :data:`ESTIMATORS`).
+    r"""Dispatch to the surrogate named ``name`` (one of :data:`ESTIMATORS`), whose per-sample
+    gradient is the estimator :math:`g_{\mathrm{name}}` of :math:`\nabla_\theta\mathrm{KL}` (D5).
 
     Args:
         name: ``"pathwise"``, ``"ppo"``, ``"k1"`` or ``"vopd"``.
@@ -225,7 +226,8 @@ def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, T
 
 
 def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """Gradient of each entry of a ``(B,)`` loss w.r.t. ``params``, flattened and concatenated.
+    r"""Gradient of each entry of a ``(B,)`` loss w.r.t. ``params``, flattened and concatenated:
+    row ``b`` is :math:`\nabla_\theta \ell_b` (the per-sample estimator of D5/D6, ``diffusionopd``).
 
     Args:
         loss: ``(B,)`` per-sample losses built from ``params`` (each sample's graph may share params).

@@ -320,6 +320,10 @@ def cps_kl_coefficient(sigma: SigmaLike, sigma_next: SigmaLike, noise_level: Sig
         c = \frac{\big((1-\sigma)\sqrt{\sigma'^2 - s^2} - \sigma(1-\sigma')\big)^2}{2 s^2},
         \qquad s = \sigma'\sin(a\pi/2).
 
+    Args:
+        sigma, sigma_next: floats or ``(B,)`` tensors, ``0 < sigma_next < sigma <= 1``.
+        noise_level: ``a`` in ``(0, 1]``.
+
     Returns:
         ``(B,)`` (or ``(1,)``) tensor.
 

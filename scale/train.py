@@ -74,6 +74,7 @@ __all__ = [
     "derive_seed",
     "read_prompts",
     "save_grid",
+    "sample_images",
 ]
 
 STUDENT = "student"
@@ -242,6 +243,46 @@ def save_grid(images: Tensor, path: str | os.PathLike, ncols: Optional[int] = No
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
+
+
+@torch.no_grad()
+def sample_images(
+    pipe: Any,
+    cache: Any,
+    prompts: Sequence[str],
+    adapter: Optional[str],
+    *,
+    num_steps: int,
+    resolution: int,
+    guidance_scale: float,
+    seed: int,
+    kernel: str = "ode",
+    noise_level: float = 0.0,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Images of ``adapter`` (``None`` = base) for ``prompts``: noise from ``seed``, a
+    :func:`scale.rollout.rollout` on the scheduler grid (ODE by default = the pipeline's Euler
+    sampler), then :func:`scale.rollout.decode`.
+
+    Returns:
+        ``(B, 3, H, W)`` images in ``[0, 1]``.
+    """
+    from scale.rollout import decode, rollout, scheduler_sigmas
+
+    transformer = pipe.transformer
+    device = transformer.device
+    f = int(pipe.vae_scale_factor)
+    p = int(transformer.config.patch_size)
+    if resolution % (f * p):
+        raise ValueError(f"resolution must be a multiple of {f * p} (VAE factor x patch size), got {resolution}")
+    shape = (len(prompts), int(transformer.config.in_channels), resolution // f, resolution // f)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    latents0 = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    sigmas = scheduler_sigmas(pipe, num_steps, image_seq_len=(resolution // f // p) ** 2).to(device)
+    embeds = cache.encode(list(prompts)).to(device, dtype or transformer.dtype)
+    traj = rollout(transformer, embeds, sigmas, latents0, kernel=kernel, noise_level=noise_level,
+                   guidance_scale=guidance_scale, adapter=adapter, generator=gen)
+    return decode(pipe, traj.latents[-1])
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -428,7 +469,8 @@ class Trainer:
         self.phases: List[Tuple[str, int]] = [] if cfg.loss == "crd" else [
             ("grpo", k) for k, t in enumerate(self.tasks) if not t.teacher_lora]
         self.phases.append(("distill", -1))
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.current_adapter: Optional[str] = None
 
         # ---- run directory (only now: everything above validated) ------------------------------
         if self.is_main and not resume:
@@ -455,6 +497,12 @@ class Trainer:
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    def optimizer(self, adapter: str) -> torch.optim.Optimizer:
+        """The AdamW optimizer of ``adapter``'s LoRA parameters (created on first use)."""
+        if adapter not in self.optimizers:
+            self.optimizers[adapter] = self._make_optimizer(adapter)
+        return self.optimizers[adapter]
 
     def _make_optimizer(self, adapter: str) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -521,14 +569,16 @@ class Trainer:
         vec = self.acc.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device), reduction="sum")
         return {k: float(v) for k, v in zip(keys, vec.tolist())}
 
-    def _optimizer_step(self, params: List[torch.nn.Parameter]) -> float:
+    def _optimizer_step(self, adapter: str) -> float:
+        params = self.adapter_parameters(adapter)
         self._sync_grads(params)
         if self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        opt = self.optimizer(adapter)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return float(norm)
 
     # ---- stage 2 -------------------------------------------------------------------------
@@ -536,7 +586,6 @@ class Trainer:
         """One stage-2 update: a round-robin cycle over the tasks, gradients accumulated over it,
         then one optimizer step. Returns the update's metrics (summed over processes)."""
         cfg = self.cfg
-        params = self.adapter_parameters(STUDENT)
         n_micro = cfg.batch_size // cfg.micro_batch_size
         weight = 1.0 / (len(self.tasks) * n_micro * len(self.trained))
         stats: Dict[str, float] = defaultdict(float)
@@ -563,7 +612,7 @@ class Trainer:
                     # per-task divergence summed over trained steps, averaged over prompts
                     stats[f"div/{task.name}"] += float(div.mean()) / n_micro
         stats = self._reduce_stats(stats)
-        stats["grad_norm"] = self._optimizer_step(params)
+        stats["grad_norm"] = self._optimizer_step(STUDENT)
         return stats
 
     @torch.no_grad()
@@ -632,7 +681,6 @@ class Trainer:
         group-normalised rewards, ``ppo_epochs`` optimizer steps over the stored rollouts."""
         cfg = self.cfg
         task = self.tasks[k]
-        params = self.adapter_parameters(task.adapter)
         mb = cfg.micro_batch_size
         groups, reward_sum = self._group_rollouts(phase, k, update, task.adapter)
         weight = mb / (cfg.batch_size * cfg.group_size * len(self.trained))
@@ -656,7 +704,7 @@ class Trainer:
                         ep["loss"] += float(per.detach().mean()) * weight
                         ep["kl_ref"] += float(kl.mean()) * weight * len(self.trained)
             ep = self._reduce_stats(ep)
-            ep["grad_norm"] = self._optimizer_step(params)
+            ep["grad_norm"] = self._optimizer_step(task.adapter)
         stats = self._reduce_stats(stats)
         stats.update(ep)
         return stats
@@ -675,7 +723,6 @@ class Trainer:
         from opd_ref.crd import crd_loss, implicit_reward_from_steps
 
         cfg = self.cfg
-        params = self.adapter_parameters(STUDENT)
         phase = len(self.phases) - 1
         mb = cfg.micro_batch_size
         weight = 1.0 / (len(self.tasks) * cfg.batch_size * cfg.group_size)
@@ -720,20 +767,20 @@ class Trainer:
                         loss = crd_loss(implicit_reward_from_steps(step_lr_t, cfg.crd_beta), r, group_ids)
                         (loss.sum() * weight).backward()
         stats = self._reduce_stats(stats)
-        stats["grad_norm"] = self._optimizer_step(params)
+        stats["grad_norm"] = self._optimizer_step(STUDENT)
         return stats
 
     # ---- outputs -------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, path: Path, adapter: Optional[str] = STUDENT) -> Path:
         """ODE samples of ``adapter`` for the first prompts of the tasks (fixed noise) as one PNG."""
-        from scale.rollout import decode
-
-        prompts = [self.tasks[i % len(self.tasks)].prompts[(i // len(self.tasks)) % len(self.tasks[i % len(self.tasks)].prompts)]
+        n = len(self.tasks)
+        prompts = [self.tasks[i % n].prompts[(i // n) % len(self.tasks[i % n].prompts)]
                    for i in range(self.cfg.num_sample_prompts)]
-        embeds = self._embeds(prompts)
-        traj = self.rollout(embeds, len(prompts), self.generator(2000), adapter, kernel="ode")
-        return save_grid(decode(self.pipe, traj.latents[-1]), path)
+        images = sample_images(self.pipe, self.cache, prompts, adapter, num_steps=self.cfg.num_steps,
+                               resolution=self.cfg.resolution, guidance_scale=self.cfg.guidance_scale,
+                               seed=derive_seed(self.cfg.seed, 2000), dtype=self.dtype)
+        return save_grid(images, path)
 
     def _log(self, record: Dict[str, Any]) -> None:
         if self.is_main:
@@ -762,7 +809,8 @@ class Trainer:
         """Atomic checkpoint (main process) of every LoRA tensor, the optimizer, RNG states and position."""
         if self.is_main:
             state = {"phase": phase, "step": step, "lora": self.lora_state(),
-                     "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                     "optimizer": (self.optimizers[self.current_adapter].state_dict()
+                                   if self.current_adapter in self.optimizers else None),
                      "rng": capture_rng_state(), "world_size": self.world}
             save_checkpoint(self.run_dir / "checkpoint", state,
                             {"phase": phase, "phase_name": self._phase_name(phase), "step": step, "time": time.time()})
@@ -806,9 +854,10 @@ class Trainer:
             while phase < len(self.phases):
                 kind, k = self.phases[phase]
                 adapter = STUDENT if kind == "distill" else self.tasks[k].adapter
-                self.optimizer = self._make_optimizer(adapter)
+                self.optimizers = {adapter: self._make_optimizer(adapter)}
+                self.current_adapter = adapter
                 if opt_state is not None:
-                    self.optimizer.load_state_dict(opt_state)
+                    self.optimizers[adapter].load_state_dict(opt_state)
                     opt_state = None
                 total = self._phase_steps(phase)
                 if kind == "distill" and step == 0 and self.heldout_prompts and not self._has_record(phase, 0, "eval"):
@@ -849,7 +898,8 @@ class Trainer:
                         self.sample_grid(self.run_dir / "samples" / "final.png")
                     self._save_adapter(STUDENT, self.run_dir / "student")
                 phase, step = phase + 1, 0
-                self.optimizer = None
+                self.optimizers = {}
+                self.current_adapter = None
                 self.save_checkpoint(phase, step)
         return TrainResult(self.run_dir, "finished", phase, step, last)
 

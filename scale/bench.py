@@ -1,0 +1,320 @@
+r"""``opd-scale bench``: the cost of the OPD update, measured as ratios within one run.
+
+1. **Overhead** = time of one OPD-KL update (:meth:`scale.train.Trainer.distill_update`) / the sum of
+   its unavoidable model calls, each timed alone at the same shapes:
+   :math:`K n (T\,t_{roll} + S\,t_{teacher} + S\,t_{fwd+bwd})` for :math:`K` tasks, :math:`n`
+   micro-batches, :math:`T` rollout steps and :math:`S` trained steps. Target <= 1.15.
+2. **Memory** = peak memory of one update with 40 rollout steps / with 10, the same trained steps.
+   Target <= 1.1. The memory an update adds on top of the weights: on CUDA
+   ``torch.cuda.max_memory_allocated`` minus the memory allocated before the update; on CPU the peak
+   bytes of live tensors created during the update (:class:`LiveTensorBytes`).
+3. **Cost per update** of OPD-KL, PPO-OPD and GRPO (stage 1, :math:`\beta > 0`) at equal rollouts (the
+   same number of trajectories of the same length and the same trained steps), relative to OPD-KL.
+
+On CUDA it adds images/s of ODE sampling and an MFU estimate: FLOPs of one transformer forward counted
+by ``torch.utils.flop_counter.FlopCounterMode`` times the number of forwards (backward = 2 forwards),
+divided by the wall time and the GPU's peak dense bf16 FLOP/s (``peak_tflops``).
+
+Reference: ``diffusionopd`` (OPD cost vs GRPO), ``flowgrpo``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["run_bench", "LiveTensorBytes", "count_forward_flops", "sd35_medium_transformer_flops", "SD35_MEDIUM_TRANSFORMER"]
+
+#: SD3.5-Medium's transformer config (MMDiT-X: dual attention in blocks 0-12, qk RMS-norm).
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_forward_flops(transformer, batch: int, latent_hw: int, text_len: int, joint_dim: int, pooled_dim: int,
+                        device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> int:
+    """FLOPs of one ``SD3Transformer2DModel`` forward counted by ``FlopCounterMode`` (matmuls and
+    attention; 2 FLOPs per multiply-add), at batch ``batch``, latent side ``latent_hw`` and
+    ``text_len`` text tokens. Works on the meta device (no memory, no weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = transformer.config.in_channels
+    x = torch.zeros(batch, c, latent_hw, latent_hw, device=device, dtype=dtype)
+    enc = torch.zeros(batch, text_len, joint_dim, device=device, dtype=dtype)
+    pooled = torch.zeros(batch, pooled_dim, device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        transformer(hidden_states=x, timestep=t, encoder_hidden_states=enc, pooled_projections=pooled, return_dict=False)
+    return int(counter.get_total_flops())
+
+
+def sd35_medium_transformer_flops(resolution: int = 512, text_len: int = 333) -> Dict[str, float]:
+    """FLOPs of one SD3.5-Medium transformer forward (batch 1) at ``resolution`` px, counted on the
+    meta device from :data:`SD35_MEDIUM_TRANSFORMER` (no weights needed). ``text_len`` = 77 CLIP +
+    256 T5 tokens (the pipeline default).
+
+    Returns:
+        dict with ``flops``, ``params`` and ``image_tokens``.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    latent = resolution // 8
+    flops = count_forward_flops(model, 1, latent, text_len, SD35_MEDIUM_TRANSFORMER["joint_attention_dim"],
+                                SD35_MEDIUM_TRANSFORMER["pooled_projection_dim"])
+    return {"flops": float(flops), "params": float(sum(p.numel() for p in model.parameters())),
+            "image_tokens": float((latent // 2) ** 2), "text_tokens": float(text_len)}
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storages created inside the block and alive at the same time (a
+    ``TorchDispatchMode`` sees every op output, forward and backward; a weak-reference finalizer
+    subtracts a storage when it is freed). Device independent; used on CPU, where torch keeps no
+    allocator statistics. Storages that existed before the block (weights) are not counted."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __enter__(self) -> "LiveTensorBytes":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        seen = WeakIdKeyDictionary()
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
+                        if st not in seen:
+                            n = st.nbytes()
+                            seen[st] = n
+                            outer.current += n
+                            outer.peak = max(outer.peak, outer.current)
+                            weakref.finalize(st, outer._free, n)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._mode.__exit__(*exc)
+        return False
+
+
+class _Peak:
+    """Peak memory of a block: CUDA allocator statistics, or :class:`LiveTensorBytes` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.working = 0.0
+        self.method = ""
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated - memory_allocated before the update"
+        else:
+            self.live = LiveTensorBytes().__enter__()
+            self.method = "peak bytes of live tensors created during the update (TorchDispatchMode, CPU)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.working = float(torch.cuda.max_memory_allocated(self.device) - self.before)
+        else:
+            self.live.__exit__(*exc)
+            self.working = float(self.live.peak)
+        return False
+
+
+def _setup(tmp: Path, model: Optional[str], resolution: Optional[int]) -> Dict[str, Any]:
+    """Model (tiny if none), a perturbed teacher LoRA, prompt files."""
+    from scale.model import add_lora, load_pipeline, save_lora
+
+    if model is None:
+        from scale.tiny import build_tiny_pipeline
+
+        model = str(build_tiny_pipeline(tmp / "tiny"))
+    pipe = load_pipeline(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(pipe.transformer, "teacher", rank=4, alpha=8, init_std=0.05, generator=gen)
+    teacher = save_lora(pipe.transformer, "teacher", tmp / "teacher")
+    if resolution is None:
+        resolution = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+    del pipe
+    (tmp / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(8)) + "\n")
+    return {"model": model, "teacher": str(teacher), "resolution": resolution}
+
+
+def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, repeats: int = 3,
+              micro_batch_size: int = 1, dtype: str = "auto", trained_steps: tuple = (0, 4, 8),
+              peak_tflops: Optional[float] = None) -> Dict[str, Any]:
+    """Run the three measurements (and on CUDA images/s and MFU) and return them as a dict.
+
+    Args:
+        model: pipeline directory; ``None`` builds the tiny pipeline in a temporary directory.
+        resolution: image side (default: the transformer's native size).
+        repeats: timed repetitions per quantity (the median is reported).
+        micro_batch_size: samples per forward.
+        dtype: ``auto`` / ``float32`` / ``bfloat16`` / ``float16``.
+        trained_steps: trained step indices (the same for 10 and 40 rollout steps).
+        peak_tflops: the GPU's peak dense FLOP/s in TFLOP/s for MFU (default: 989 on H100/H200 bf16).
+
+    Returns:
+        dict of measurements, ratios and the methods used.
+    """
+    from scale.config import ScaleConfig
+    from scale.train import STUDENT, Trainer
+
+    results: Dict[str, Any] = {"repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="opd_bench_") as tmpdir:
+        tmp = Path(tmpdir)
+        env = _setup(tmp, model, resolution)
+        base = dict(model=env["model"], resolution=env["resolution"], num_steps=10, batch_size=micro_batch_size,
+                    micro_batch_size=micro_batch_size, tasks=["t"], prompt_files=[str(tmp / "prompts.txt")],
+                    teacher_loras=[env["teacher"]], train_steps=list(trained_steps), dtype=dtype,
+                    max_sequence_length=32, checkpoint_every=0, sample_every=0, lora_rank=8, lora_alpha=16)
+        counter = iter(range(10**6))
+
+        def make(**over) -> Trainer:
+            return Trainer(ScaleConfig(**{**base, **over, "output_dir": str(tmp / f"run{next(counter)}")}))
+
+        tr = make()
+        dev = tr.device
+        results["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        results["dtype"] = str(tr.dtype)
+        results["resolution"] = env["resolution"]
+        results["rollout_steps"] = tr.cfg.num_steps
+        results["trained_steps"] = list(tr.trained)
+        results["micro_batch_size"] = micro_batch_size
+
+        # ---- 1. overhead ---------------------------------------------------------------------
+        u = iter(range(10**6))
+        t_update = _median_time(lambda: tr.distill_update(next(u)), dev, repeats)
+        embeds = tr._embeds([tr.tasks[0].prompts[0]] * micro_batch_size)
+        x = torch.randn((micro_batch_size,) + tr.latent_shape, device=dev)
+        sigma = tr.sigmas[1].expand(micro_batch_size).clone()
+        params = tr.adapter_parameters(STUDENT)
+        calls = 10
+
+        def no_grad_calls(adapter):
+            def fn():
+                with torch.no_grad():
+                    for _ in range(calls):
+                        tr.velocity(x, sigma, embeds, adapter)
+            return fn
+
+        def fwd_bwd():
+            for _ in range(calls):
+                v = tr.velocity(x, sigma, embeds, STUDENT)
+                v.square().sum().backward()
+            for p in params:
+                p.grad = None
+
+        t_roll = _median_time(no_grad_calls(STUDENT), dev, repeats) / calls
+        t_teacher = _median_time(no_grad_calls(tr.tasks[0].adapter), dev, repeats) / calls
+        t_fb = _median_time(fwd_bwd, dev, repeats) / calls
+        n_micro = tr.cfg.batch_size // tr.cfg.micro_batch_size
+        T, S = tr.cfg.num_steps, len(tr.trained)
+        floor = len(tr.tasks) * n_micro * (T * t_roll + S * (t_teacher + t_fb))
+        results["overhead"] = {
+            "update_s": t_update, "rollout_forward_s": t_roll, "teacher_forward_s": t_teacher,
+            "student_forward_backward_s": t_fb, "sum_of_model_calls_s": floor, "ratio": t_update / floor,
+            "target": 1.15,
+        }
+
+        # ---- 3. cost per update at equal rollouts ------------------------------------------
+        # GRPO: one prompt x group_size = batch rollouts (equal rollouts), KL to the reference on
+        tr_ppo = make(loss="ppo_opd")
+        tr_grpo = make(stage1_steps=1, teacher_loras=[""], rewards=["brightness"], group_size=micro_batch_size,
+                       batch_size=1, kl_beta=0.04)
+        u_ppo, u_grpo = iter(range(10**6)), iter(range(10**6))
+        t_ppo = _median_time(lambda: tr_ppo.distill_update(next(u_ppo)), dev, repeats)
+        t_grpo = _median_time(lambda: tr_grpo.grpo_update(0, 0, next(u_grpo)), dev, repeats)
+        t_opd = _median_time(lambda: tr.distill_update(next(u)), dev, repeats)
+        results["cost_per_update"] = {
+            "opd_kl_s": t_opd, "ppo_opd_s": t_ppo, "grpo_s": t_grpo,
+            "ppo_opd_over_opd_kl": t_ppo / t_opd, "grpo_over_opd_kl": t_grpo / t_opd,
+            "rollouts_per_update": micro_batch_size * len(tr.tasks),
+        }
+        del tr_ppo, tr_grpo
+
+        # ---- 2. memory: 40 vs 10 rollout steps, same trained steps -------------------------
+        mem = {}
+        for steps in (10, 40):
+            trm = make(num_steps=steps)
+            trm.distill_update(0)  # warm-up (optimizer state allocated)
+            with _Peak(dev) as peak:
+                trm.distill_update(1)
+            mem[steps] = peak
+            del trm
+        results["memory"] = {
+            "method": mem[10].method,
+            "peak_bytes_10": mem[10].working, "peak_bytes_40": mem[40].working,
+            "ratio_40_over_10": mem[40].working / mem[10].working,
+            "target": 1.1,
+        }
+
+        # ---- GPU only: images/s and MFU --------------------------------------------------
+        if dev.type == "cuda":
+            cfg = tr.transformer.config
+            text_len = int(embeds.prompt_embeds.shape[1])
+            flops_fwd = count_forward_flops(tr.transformer, 2 * micro_batch_size, tr.latent_shape[1], text_len,
+                                            int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim),
+                                            device=dev, dtype=tr.dtype)
+            peak = (peak_tflops or 989.0) * 1e12
+            sample_s = _median_time(lambda: tr.rollout(embeds, micro_batch_size, tr.generator(5), STUDENT, kernel="ode"),
+                                    dev, repeats)
+            update_flops = len(tr.tasks) * n_micro * flops_fwd * (T + S * (1 + 3))  # rollout + teacher + fwd/bwd
+            results["gpu"] = {
+                "images_per_s": micro_batch_size / sample_s,
+                "cfg_forward_flops": flops_fwd,
+                "update_flops": update_flops,
+                "mfu_update": update_flops / t_update / peak,
+                "mfu_sampling": T * flops_fwd / sample_s / peak,
+                "peak_tflops": peak / 1e12,
+            }
+    return results

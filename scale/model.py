@@ -401,37 +401,79 @@ def lora_parameters(transformer, adapter_name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in _lora_named(transformer) if f".{adapter_name}." in n]
 
 
-def _read_lora_file(path: Path) -> tuple[Path, dict[str, Tensor]]:
+def _read_lora_file(path: Path) -> tuple[Path, dict[str, Tensor], Optional[dict]]:
+    """The ``.safetensors`` file of ``path`` (a file or a directory holding one), its tensors and its
+    LoRA config (diffusers' safetensors metadata, or a PEFT ``adapter_config.json`` beside it)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
-        preferred = path / LORA_WEIGHT_NAME
-        if preferred.is_file():
-            files = [preferred]
+        for preferred in (path / LORA_WEIGHT_NAME, path / "adapter_model.safetensors"):
+            if preferred.is_file():
+                files = [preferred]
+                break
         if len(files) != 1:
             raise FileNotFoundError(
-                f"LoRA directory {str(path)!r} must hold {LORA_WEIGHT_NAME} or exactly one .safetensors "
-                f"file, found {[f.name for f in files]}"
+                f"LoRA directory {str(path)!r} must hold {LORA_WEIGHT_NAME}, adapter_model.safetensors or "
+                f"exactly one .safetensors file, found {[f.name for f in files]}"
             )
         path = files[0]
     elif not path.is_file():
         raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
     if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA file must be a .safetensors file (diffusers format), got {str(path)!r}")
-    return path, load_file(str(path))
+        raise ValueError(f"LoRA file must be a .safetensors file (diffusers or PEFT format), got {str(path)!r}")
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta_text = (f.metadata() or {}).get("lora_adapter_metadata")
+    config = None
+    if meta_text:
+        config = json.loads(meta_text)
+        if any(k.startswith("transformer.") for k in config):
+            config = {k[len("transformer.") :]: v for k, v in config.items() if k.startswith("transformer.")}
+    elif (path.parent / "adapter_config.json").is_file():  # PEFT save_pretrained (Flow-GRPO checkpoints)
+        config = json.loads((path.parent / "adapter_config.json").read_text())
+    if config is not None:
+        import dataclasses
+
+        from peft import LoraConfig
+
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+        config = {k: v for k, v in config.items() if k in known}
+    return path, state, config
 
 
-def _check_lora_fits(transformer, state: dict[str, Tensor], prefix: Optional[str], source: str) -> None:
+def _transformer_keys(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Strip the ``transformer.`` (diffusers pipeline) or ``base_model.model.`` (PEFT) prefix; LoRA
+    weights for other components (text encoders) are an error."""
+    out = {}
+    for key, value in state.items():
+        name = key
+        for prefix in ("base_model.model.", "transformer."):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        if name.startswith(("text_encoder", "unet.")):
+            raise ValueError(
+                f"{source} holds LoRA weights for {name.split('.')[0]!r} ({key!r}); only transformer LoRAs "
+                "are supported (student and teachers adapt the transformer)"
+            )
+        out[name] = value
+    return out
+
+
+def _check_lora_fits(transformer, state: dict[str, Tensor], source: str) -> None:
     """Every ``<module>.lora_A/B.weight`` key names a Linear of ``transformer`` with matching shapes."""
     modules = dict(transformer.named_modules())
     lora_keys = [k for k in state if ".lora_A." in k or ".lora_B." in k]
-    if not lora_keys:
-        raise ValueError(f"{source} holds no LoRA weights (no '.lora_A.'/'.lora_B.' keys)")
+    if not lora_keys or len(lora_keys) != len(state):
+        other = [k for k in state if k not in lora_keys][:3]
+        raise ValueError(
+            f"{source} is not a LoRA file of this format: expected only '<module>.lora_A/B.weight' keys, "
+            f"got {other or 'no LoRA keys'}"
+        )
     for key in lora_keys:
-        name = key[len(prefix) + 1 :] if prefix else key
-        which = "lora_A" if ".lora_A." in name else "lora_B"
-        module_name = name.split(f".{which}.")[0]
+        which = "lora_A" if ".lora_A." in key else "lora_B"
+        module_name = key.split(f".{which}.")[0]
         module = modules.get(module_name)
         base = getattr(module, "base_layer", module)
         if not isinstance(base, torch.nn.Linear):
@@ -440,9 +482,11 @@ def _check_lora_fits(transformer, state: dict[str, Tensor], prefix: Optional[str
                 f"module {module_name!r}, which is not a Linear layer of the transformer"
             )
         w = state[key]
-        ok = w.dim() == 2 and (w.shape[1] == base.in_features if which == "lora_A" else w.shape[0] == base.out_features)
+        if which == "lora_A":
+            ok, want = w.dim() == 2 and w.shape[1] == base.in_features, f"(r, {base.in_features})"
+        else:
+            ok, want = w.dim() == 2 and w.shape[0] == base.out_features, f"({base.out_features}, r)"
         if not ok:
-            want = f"(r, {base.in_features})" if which == "lora_A" else f"({base.out_features}, r)"
             raise ValueError(
                 f"{source} does not fit this transformer (another architecture?): {key!r} has shape "
                 f"{tuple(w.shape)}, module {module_name!r} needs {want}"
@@ -450,12 +494,15 @@ def _check_lora_fits(transformer, state: dict[str, Tensor], prefix: Optional[str
 
 
 def load_lora(transformer, path: str | os.PathLike, adapter_name: str) -> None:
-    """Load a diffusers-format LoRA file (e.g. a teacher) as a new, frozen adapter.
+    """Load a LoRA file (e.g. a teacher) as a new, frozen adapter.
 
     Accepts what :func:`save_lora` / ``StableDiffusion3Pipeline.save_lora_weights`` write (keys
-    prefixed ``transformer.``) and what ``save_lora_adapter`` writes (no prefix); LoRA alpha comes
-    from the file's metadata when present.  The keys and shapes are checked against ``transformer``
-    first, so a LoRA for another architecture fails with a clear error and leaves nothing loaded.
+    prefixed ``transformer.``, LoRA config in the safetensors metadata), what diffusers'
+    ``save_lora_adapter`` writes (no prefix) and PEFT ``save_pretrained`` directories
+    (``adapter_model.safetensors`` + ``adapter_config.json``, keys prefixed ``base_model.model.``, as
+    Flow-GRPO's checkpoints).  Without a stored config, diffusers takes the rank from the shapes and
+    ``alpha = rank``.  Keys and shapes are checked against ``transformer`` first, so a LoRA for another
+    architecture fails with a clear error and leaves nothing loaded.
 
     Args:
         transformer: ``SD3Transformer2DModel``.
@@ -471,16 +518,15 @@ def load_lora(transformer, path: str | os.PathLike, adapter_name: str) -> None:
     adapter_name = _check_adapter_name(adapter_name)
     if adapter_name in _adapter_names(transformer):
         raise ValueError(f"adapter_name {adapter_name!r} already exists on the transformer")
-    file, state = _read_lora_file(Path(path).expanduser())
-    prefix = "transformer" if all(k.startswith("transformer.") for k in state) else None
-    _check_lora_fits(transformer, state, prefix, f"LoRA file {str(file)!r}")
+    file, state, config = _read_lora_file(Path(path).expanduser())
+    source = f"LoRA file {str(file)!r}"
+    state = _transformer_keys(state, source)
+    _check_lora_fits(transformer, state, source)
     with _flags_preserved(transformer), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        transformer.load_lora_adapter(
-            str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=adapter_name
-        )
+        transformer.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=config)
     if adapter_name not in _adapter_names(transformer):
-        raise ValueError(f"LoRA file {str(file)!r} loaded no weights into the transformer")
+        raise ValueError(f"{source} loaded no weights into the transformer")
     for p in lora_parameters(transformer, adapter_name):
         p.requires_grad_(False)
 

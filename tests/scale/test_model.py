@@ -269,8 +269,42 @@ def test_load_lora_bad_files(tiny_pipe, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"transformer.pos_embed.proj.weight": torch.zeros(2, 2)}, str(tmp_path / "not_lora.safetensors"))
-    with pytest.raises(ValueError, match="no LoRA weights"):
+    with pytest.raises(ValueError, match="not a LoRA file"):
         load_lora(tr, tmp_path / "not_lora.safetensors", "t")
+    te = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}
+    save_file(te, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ValueError, match="only transformer LoRAs"):
+        load_lora(tr, tmp_path / "te.safetensors", "t")
+    assert not getattr(tr, "peft_config", {})
+
+
+def test_peft_save_pretrained_lora_loads_with_its_alpha(tiny_pipe, tiny_model_dir, embeds, latents0, tmp_path):
+    """A PEFT-format LoRA (get_peft_model + save_pretrained, as Flow-GRPO checkpoints are written):
+    keys prefixed base_model.model., alpha in adapter_config.json (alpha / r = 4 here)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig, get_peft_model
+
+    other = SD3Transformer2DModel.from_pretrained(tiny_model_dir / "transformer").eval()
+    peft_model = get_peft_model(
+        other, LoraConfig(r=2, lora_alpha=8, init_lora_weights="gaussian", target_modules=FLOW_GRPO_TARGETS)
+    )
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    s = _sigma(2, 0.5)
+    with torch.no_grad():
+        inner = peft_model.base_model.model  # the LoRA layers are active in the PEFT-wrapped model
+        cond = _raw_forward(inner, latents0, s, embeds.prompt_embeds, embeds.pooled_prompt_embeds)
+        uncond = _raw_forward(inner, latents0, s, embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds)
+        want = uncond + 4.5 * (cond - uncond)
+        load_lora(tiny_pipe.transformer, tmp_path / "peft", "teacher")
+        got = predict_velocity(tiny_pipe.transformer, latents0, s, embeds, 4.5, "teacher")
+        base = predict_velocity(tiny_pipe.transformer, latents0, s, embeds, 4.5, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert float((got - base).abs().max()) > 1e-3
 
 
 def test_flow_grpo_targets_are_the_attention_projections(tiny_pipe):

@@ -67,6 +67,9 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
     r"""Load a ``StableDiffusion3Pipeline`` (SD3 / SD3.5) with every component frozen and in eval mode.
 
+    The frozen transformer is the reference velocity :math:`v_{ref}(x_\sigma, \sigma, c)` on which
+    student and teacher LoRAs are added.
+
     ``model`` is a local pipeline directory (what ``save_pretrained`` or :func:`scale.tiny.build_tiny_pipeline`
     writes, or a downloaded SD3.5-Medium snapshot) or a hub id that is already in the local cache
     (it works under ``HF_HUB_OFFLINE=1``).
@@ -140,7 +143,8 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning of a batch of prompts, as ``StableDiffusion3Pipeline.encode_prompt`` returns it.
+    r"""Text conditioning :math:`c` of a batch of prompts, as ``StableDiffusion3Pipeline.encode_prompt``
+    returns it; the negative fields are the unconditional :math:`\varnothing` of CFG (``flowgrpo``).
 
     Attributes:
         prompt_embeds: ``(B, L, D)`` CLIP (padded) and T5 token embeddings, concatenated on ``L``.
@@ -211,7 +215,9 @@ class PromptEmbeds:
 
 
 class PromptCache:
-    r"""Encode prompts once with the pipeline's three text encoders and keep the embeddings.
+    r"""Encode prompts once with the pipeline's three text encoders and keep the embeddings
+    :math:`c = [\mathrm{pad}(\mathrm{CLIP_L} \| \mathrm{CLIP_G});\ \mathrm{T5}]` (tokens) and
+    :math:`[\mathrm{pool}_L \| \mathrm{pool}_G]` (pooled).
 
     Each distinct prompt is encoded once (text encoders under ``no_grad``); later calls assemble the
     batch from the cache.  With ``guidance=True`` the negative (empty) prompt is encoded once as well,
@@ -379,7 +385,8 @@ def add_lora(
 
 
 def lora_parameters(transformer, adapter_name: str) -> list[torch.nn.Parameter]:
-    """The LoRA parameters (``lora_A`` and ``lora_B`` of every adapted module) of one adapter.
+    r"""The LoRA parameters :math:`\theta = \{A_l, B_l\}_l` (``lora_A`` and ``lora_B`` of every adapted
+    module) of one adapter.
 
     Args:
         transformer: model with peft adapters.
@@ -494,7 +501,7 @@ def _check_lora_fits(transformer, state: dict[str, Tensor], source: str) -> None
 
 
 def load_lora(transformer, path: str | os.PathLike, adapter_name: str) -> None:
-    """Load a LoRA file (e.g. a teacher) as a new, frozen adapter.
+    r"""Load a LoRA file (e.g. a teacher) as a new, frozen adapter :math:`W + \tfrac{\alpha}{r} B A`.
 
     Accepts what :func:`save_lora` / ``StableDiffusion3Pipeline.save_lora_weights`` write (keys
     prefixed ``transformer.``, LoRA config in the safetensors metadata), what diffusers'
@@ -532,8 +539,8 @@ def load_lora(transformer, path: str | os.PathLike, adapter_name: str) -> None:
 
 
 def save_lora(transformer, adapter_name: str, out_dir: str | os.PathLike) -> Path:
-    """Save one adapter in diffusers format, loadable by ``StableDiffusion3Pipeline.load_lora_weights``
-    and by :func:`load_lora`.
+    r"""Save one adapter :math:`(A, B, \alpha, r)` in diffusers format, loadable by
+    ``StableDiffusion3Pipeline.load_lora_weights`` and by :func:`load_lora`.
 
     Writes ``out_dir/pytorch_lora_weights.safetensors`` with keys prefixed ``transformer.`` and the
     LoRA config (rank, alpha, targets) in the safetensors metadata, weights in float32.

@@ -44,13 +44,32 @@ __all__ = [
 
 @runtime_checkable
 class Reward(Protocol):
-    """``(images (B, 3, H, W) in [0, 1], prompts: list of B str) -> (B,)`` tensor, higher is better."""
+    r"""A reward :math:`r(x, c)`: ``(images (B, 3, H, W) in [0, 1], prompts: list of B str) -> (B,)``,
+    higher is better (``flowgrpo``).
+
+    Args:
+        images: ``(B, 3, H, W)`` float tensor in ``[0, 1]``.
+        prompts: ``B`` prompts.
+    """
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
 
 
 def check_images(images: object, prompts: object) -> Tensor:
-    """Validate a reward's inputs: ``(B, 3, H, W)`` finite float images in ``[0, 1]``, ``B`` prompts."""
+    r"""Validate a reward's inputs: images :math:`x \in [0, 1]^{B \times 3 \times H \times W}`, finite,
+    and ``B`` prompts (``flowgrpo`` reward protocol).
+
+    Args:
+        images: ``(B, 3, H, W)`` float tensor.
+        prompts: list of ``B`` strings.
+
+    Returns:
+        ``images`` unchanged.
+
+    Raises:
+        TypeError: not a floating tensor.
+        ValueError: wrong shape, values outside ``[0, 1]`` or non-finite, prompts of another length.
+    """
     if not isinstance(images, Tensor) or not torch.is_floating_point(images):
         raise TypeError(f"images must be a floating torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -155,7 +174,8 @@ BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
 
 
 class CheckedReward:
-    """A reward wrapped with a check of its output: a ``(B,)`` finite tensor, returned as float32.
+    r"""A reward wrapped with a check of its output :math:`r \in \mathbb R^B` (finite), returned as
+    float32 (``flowgrpo`` reward protocol).
 
     Args:
         fn: the reward callable.
@@ -184,7 +204,8 @@ class CheckedReward:
 
 
 def get_reward(spec: str, **kwargs) -> CheckedReward:
-    """Resolve a reward spec: a built-in name or ``"module:function"`` (or ``"module:Class"``).
+    r"""Resolve a reward spec :math:`r(x, c)`: a built-in name or ``"module:function"`` (or
+    ``"module:Class"``).
 
     Args:
         spec: ``"jpeg_compressibility"``, ``"brightness"``, ``"color"``, or ``"pkg.module:attr"``

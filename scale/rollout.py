@@ -80,6 +80,8 @@ def scheduler_sigmas(pipe, num_steps: int, image_seq_len: Optional[int] = None) 
 class Trajectory:
     r"""The stored states and kernels of a batch of rollouts (``T`` steps, batch ``B``).
 
+    Reference: ``flowgrpo`` (stored rollouts and log-probs), ``diffusionopd``.
+
     Attributes:
         latents: ``(T + 1, B, C, H, W)`` float32 states; ``latents[0]`` is the initial noise,
             ``latents[T]`` the final latent.
@@ -123,7 +125,8 @@ def kernel_step(
     sigma_next: Tensor,
     noise_level: float,
 ):
-    r"""One transition kernel of ``opd_ref`` at the state ``x`` with velocity ``v``, in float32.
+    r"""One transition kernel :math:`\mathcal N(\mu(x, v, \sigma, \sigma'), s^2 I)` of ``opd_ref`` at
+    the state ``x`` with velocity ``v``, in float32.
 
     ``"sde"`` -> :func:`opd_ref.sde_step` with ``sigma_one="flowgrpo"`` (sigma = 1 allowed),
     ``"cps"`` -> :func:`opd_ref.cps_step`, ``"ode"`` -> :func:`opd_ref.ode_step` (a deterministic

@@ -84,6 +84,9 @@ def _t5_tokenizer():
 def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     r"""Build a tiny random-weight SD3.5-style ``StableDiffusion3Pipeline`` and ``save_pretrained`` it.
 
+    Its transformer predicts the flow-matching velocity :math:`v(x_\sigma, \sigma, c)` of
+    :math:`x_\sigma = (1-\sigma) x_{data} + \sigma \varepsilon` like SD3.5, with random weights.
+
     Architecture as SD3.5-Medium (qk RMS-norm, dual attention in block 0, two CLIP-L/G-like encoders
     whose hidden states are concatenated and zero-padded to the T5 width, pooled projections
     concatenated), sizes in :data:`TINY_SIZES`.  Weights are drawn from the model classes' own
@@ -114,7 +117,10 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def make_tiny_pipeline(seed: int = 0):
-    """The in-memory pipeline that :func:`build_tiny_pipeline` saves (same ``seed``, same weights).
+    r"""The in-memory pipeline that :func:`build_tiny_pipeline` saves (same ``seed``, same weights).
+
+    Sizes: latents :math:`C \times S \times S = 4 \times 8 \times 8`, patch 2 (16 image tokens),
+    width 32, T5 width :math:`64 \ge 32 + 32` (the two CLIP widths).
 
     Args:
         seed: integer seed of the random weights.

@@ -1,0 +1,197 @@
+"""The stage-2 trainer on the tiny SD3.5-style pipeline: the per-step loss is opd_ref's, a short run lowers
+the held-out student-teacher KL, only the student LoRA changes, the saved LoRA reproduces the student in
+``StableDiffusion3Pipeline``; stage 1 (GRPO) and CRD run; bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd_ref import ode_matching_loss, ode_step, opd_kl_loss, sde_step
+from scale.model import predict_velocity
+from scale.rollout import rollout
+from scale.train import STUDENT, Trainer
+from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
+    lora_file_tensors,
+    one_thread,
+    read_metrics,
+    tiny_config,
+    workspace,
+)
+
+
+@pytest.mark.parametrize("loss,kernel", [("opd_kl", "sde"), ("ppo_opd", "sde"), ("ode", "ode")])
+def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_path, loss, kernel):
+    """The trainer's per-sample loss at every trained step equals opd_ref's loss recomputed here from
+    independently evaluated student and teacher velocities at the stored state (the student before
+    the update: the optimizer steps only after the cycle). PPO-OPD's value at ratio 1 is -A = KL."""
+    cfg = tiny_config(workspace, tmp_path / "run", loss=loss, kernel=kernel, distill_steps=1)
+    records = []
+    trainer = Trainer(cfg, step_hook=records.append)
+    tr = trainer.transformer
+    checked = 0
+    before = {n: p.detach().clone() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
+
+    def recompute(rec):
+        with torch.no_grad():
+            v_s = predict_velocity(tr, rec["x"], rec["sigma"], rec["embeds"], cfg.guidance_scale, STUDENT)
+            v_t = predict_velocity(tr, rec["x"], rec["sigma"], rec["embeds"], cfg.guidance_scale, f"teacher_{rec['task']}")
+        if loss == "ode":
+            return ode_matching_loss(ode_step(rec["x"], v_s, rec["sigma"], rec["sigma_next"]),
+                                     ode_step(rec["x"], v_t, rec["sigma"], rec["sigma_next"]))
+        step_s = sde_step(rec["x"], v_s, rec["sigma"], rec["sigma_next"], cfg.noise_level, sigma_one="flowgrpo")
+        step_t = sde_step(rec["x"], v_t, rec["sigma"], rec["sigma_next"], cfg.noise_level, sigma_one="flowgrpo")
+        return opd_kl_loss(step_s, step_t.mean)
+
+    def hook(rec):
+        nonlocal checked
+        # the hook runs before the optimizer step, so the student is still the pre-update one
+        expected = recompute(rec)
+        assert torch.allclose(rec["loss"], expected, rtol=1e-5, atol=1e-6), (rec["t"], rec["loss"], expected)
+        assert bool((expected > 0).all())  # teachers differ from the student: a non-trivial comparison
+        checked += 1
+
+    trainer.step_hook = hook
+    trainer.run()
+    # 2 tasks x 2 micro-batches x 3 trained steps, sigma = 1 (step 0) included
+    assert checked == 2 * 2 * 3
+    after = {n: p.detach() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces_it(workspace, tmp_path, tiny_model_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, heldout_prompt_file=workspace["heldout"], distill_steps=3, sample_every=2)
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
+    result = trainer.run()
+    assert result.status == "finished"
+
+    # 1. held-out path KL (sum of per-step closed-form KLs on fixed-noise student rollouts) goes down
+    evals = [r for r in read_metrics(run) if r["event"] == "eval"]
+    assert len(evals) == 2
+    first, last = evals[0]["heldout_kl/mean"], evals[-1]["heldout_kl/mean"]
+    assert last < 0.9 * first, (first, last)
+    for task in cfg.tasks:
+        assert evals[-1][f"heldout_kl/{task}"] < evals[0][f"heldout_kl/{task}"]
+    updates = [r for r in read_metrics(run) if r["event"] == "update"]
+    assert [r["step"] for r in updates] == [1, 2, 3]
+
+    # 2. only the student's LoRA parameters changed (base weights and teachers bit-identical)
+    after = dict(trainer.transformer.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed, "nothing trained"
+    assert all(f".{STUDENT}." in n for n in changed), [n for n in changed if f".{STUDENT}." not in n][:3]
+    student = [n for n in before if f".{STUDENT}." in n]
+    assert len(changed) >= 0.9 * len(student), (len(changed), len(student))
+
+    # 3. outputs: config.json, metrics, sample grids, student LoRA loadable by the diffusers pipeline
+    for name in ("config.json", "metrics.jsonl", "samples/step_000002.png", "samples/final.png",
+                 "student/pytorch_lora_weights.safetensors"):
+        assert (run / name).is_file(), name
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = trainer.cache.encode(["task 0 picture 1", "task 1 picture 2"])
+    gen = torch.Generator().manual_seed(3)
+    latents0 = torch.randn((2,) + trainer.latent_shape, generator=gen)
+    kwargs = dict(prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+                  negative_prompt_embeds=embeds.negative_prompt_embeds,
+                  negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds, num_inference_steps=cfg.num_steps,
+                  guidance_scale=cfg.guidance_scale, output_type="latent")
+    base_out = pipe(latents=latents0.clone(), **kwargs).images
+    pipe.load_lora_weights(str(run / "student"))
+    lora_out = pipe(latents=latents0.clone(), **kwargs).images
+    ours = rollout(trainer.transformer, embeds, trainer.sigmas, latents0.clone(), kernel="ode", noise_level=0.0,
+                   guidance_scale=cfg.guidance_scale, adapter=STUDENT).latents[-1]
+    gap = (lora_out - base_out).abs().max()
+    assert gap > 1e-3, "the student LoRA should differ from the base"
+    assert torch.allclose(lora_out, ours, atol=1e-5, rtol=1e-5), (lora_out - ours).abs().max()
+    # and the saved file holds exactly the trained tensors
+    saved = lora_file_tensors(run / "student")
+    assert len(saved) == len(student)
+
+
+def test_stage1_grpo_then_distill_runs_and_writes_teacher(workspace, tmp_path):
+    """Stage 1 trains one teacher per task with GRPO on a built-in reward (KL to the reference on),
+    saves it, then stage 2 distills it; the teacher adapter moved, metrics hold rewards and the KL."""
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, tasks=["bright"], prompt_files=workspace["prompt_files"][:1], teacher_loras=[""],
+                      rewards=["brightness"], stage1_steps=2, group_size=2, batch_size=2, distill_steps=1,
+                      num_steps=2, ppo_epochs=2, clip_range=0.2)
+    trainer = Trainer(cfg)
+    t0 = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if ".teacher_0." in n}
+    result = trainer.run()
+    assert result.status == "finished"
+    assert (run / "teachers" / "bright" / "pytorch_lora_weights.safetensors").is_file()
+    assert any(not torch.equal(t0[n], p.detach()) for n, p in trainer.transformer.named_parameters() if n in t0)
+    grpo = [r for r in read_metrics(run) if r.get("phase_name") == "grpo/bright"]
+    assert [r["step"] for r in grpo] == [1, 2]
+    assert all(0.0 <= r["reward"] <= 1.0 for r in grpo)
+    # second PPO epoch of the first update moved the policy: KL to the reference > 0
+    assert grpo[-1]["kl_ref"] > 0
+
+
+def test_crd_student_on_rewards_runs(workspace, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, loss="crd", tasks=["bright"], prompt_files=workspace["prompt_files"][:1],
+                      teacher_loras=[""], rewards=["brightness"], group_size=2, batch_size=1, distill_steps=2,
+                      num_steps=2, crd_beta=0.5)
+    trainer = Trainer(cfg)
+    s0 = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if f".{STUDENT}." in n}
+    trainer.run()
+    ups = [r for r in read_metrics(run) if r["event"] == "update"]
+    assert len(ups) == 2 and all(r["loss"] >= 0 for r in ups)
+    # at theta = theta_old = reference (lora_B = 0) the implicit reward is 0, the CRD loss is half the
+    # centered reward variance; the gradient is not zero, so the student moves
+    moved = [n for n, p in trainer.transformer.named_parameters() if n in s0 and not torch.equal(s0[n], p.detach())]
+    assert moved
+
+
+# ---- bad input: clear errors, no run directory left behind --------------------------------------
+
+
+def _bad_lora(path):
+    """A diffusers-format LoRA for a wider transformer (another architecture)."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 48),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 4)},
+              str(path / "pytorch_lora_weights.safetensors"))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing_model", "foreign_lora", "empty_prompts", "unknown_reward", "missing_lora"])
+def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
+    run = tmp_path / "run"
+    over, err, match = {}, ValueError, None
+    if case == "missing_model":
+        over, err, match = {"model": str(tmp_path / "nope")}, FileNotFoundError, "nope"
+    elif case == "foreign_lora":
+        over = {"teacher_loras": [_bad_lora(tmp_path / "bad"), workspace["teachers"][1]]}
+        match = "another architecture"
+    elif case == "empty_prompts":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n   \n")
+        over, match = {"prompt_files": [str(empty), workspace["prompt_files"][1]]}, "empty"
+    elif case == "unknown_reward":
+        over = {"teacher_loras": ["", workspace["teachers"][1]], "rewards": ["no_such_reward", ""], "stage1_steps": 1,
+                "group_size": 2}
+        match = "no_such_reward"
+    elif case == "missing_lora":
+        over, err, match = {"teacher_loras": [str(tmp_path / "gone"), workspace["teachers"][1]]}, FileNotFoundError, "gone"
+    cfg = tiny_config(workspace, run, **over)
+    with pytest.raises(err, match=match):
+        Trainer(cfg)
+    assert not run.exists()
+
+
+def test_existing_run_dir_is_not_overwritten(workspace, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(tiny_config(workspace, run))
+    assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]

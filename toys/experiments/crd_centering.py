@@ -22,7 +22,6 @@ Reference: ``crd``.
 
 from __future__ import annotations
 
-import math
 import pathlib
 from typing import Callable, Dict, List, Sequence
 

@@ -23,7 +23,7 @@ Reference: ``dmd``, ``diffinstruct``, ``dibregman``, ``gopd``, ``crd``.
 from __future__ import annotations
 
 import pathlib
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,18 @@ class GridDivergence:
         return float(self.area * (lt.exp() * bregman_divergence(lr, name)).sum())
 
 
+def _training_steps(student: GMMStudent, steps: int, eval_every: int,
+                    on_eval: Callable[[int, GaussianMixture], None]) -> Iterator[GaussianMixture]:
+    """Yield the student's mixture for each of ``steps`` updates, calling ``on_eval(step, mixture)``
+    every ``eval_every`` steps and after the last one."""
+    for step in range(steps + 1):
+        mix = student.mixture(0)
+        if step % eval_every == 0 or step == steps:
+            on_eval(step, mix.detach())
+        if step < steps:
+            yield mix
+
+
 def train_generator(
     teacher: GaussianMixture, init: GaussianMixture, h: str, *, seed: int, steps: int, batch: int, lr: float,
     eval_every: int, on_eval: Callable[[int, GaussianMixture], None],
@@ -75,12 +87,7 @@ def train_generator(
     student.logits.requires_grad_(False)  # weights are not reparameterisable: fixed to the teacher's
     opt = torch.optim.Adam([student.means, student.chol_raw], lr=lr)
     lo, hi = SIGMA_RANGE
-    for step in range(steps + 1):
-        mix = student.mixture(0)
-        if step % eval_every == 0 or step == steps:
-            on_eval(step, mix.detach())
-        if step == steps:
-            break
+    for mix in _training_steps(student, steps, eval_every, on_eval):
         x = mix.sample(batch, gen)  # reparameterised in the means and Cholesky factors
         sigma = lo + (hi - lo) * torch.rand(batch, generator=gen, dtype=x.dtype)
         eps = torch.randn(batch, 2, generator=gen, dtype=x.dtype)
@@ -107,12 +114,7 @@ def train_gopd(
     gen = torch.Generator().manual_seed(seed)
     student = GMMStudent(p_ref)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    for step in range(steps + 1):
-        mix = student.mixture(0)
-        if step % eval_every == 0 or step == steps:
-            on_eval(step, mix.detach())
-        if step == steps:
-            break
+    for mix in _training_steps(student, steps, eval_every, on_eval):
         with torch.no_grad():
             x = mix.sample(batch, gen)
         log_p = mix.log_prob(x)

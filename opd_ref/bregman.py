@@ -60,6 +60,8 @@ class BregmanH:
         h: :math:`\\log r \\mapsto h(r)`.
         h_prime: :math:`\\log r \\mapsto h'(r)`.
         grad_weight: :math:`\\log r \\mapsto h''(r)\\,r`.
+
+    Reference: ``dibregman``.
     """
 
     name: str
@@ -110,7 +112,17 @@ H_FAMILY = {h.name: h for h in (KL, REVERSE_KL, PEARSON_CHI2, JENSEN_SHANNON)}
 
 
 def get_h(h: Union[str, BregmanH]) -> BregmanH:
-    """Return the :class:`BregmanH` named ``h`` (or ``h`` itself); ``ValueError`` lists the names."""
+    r"""Look up a convex generator :math:`h` of the family by name.
+
+    Args:
+        h: a :class:`BregmanH` (returned as is) or one of ``"kl"``, ``"reverse_kl"``,
+            ``"pearson_chi2"``, ``"jensen_shannon"``.
+
+    Returns:
+        The :class:`BregmanH`; an unknown name raises ``ValueError`` listing the names.
+
+    Reference: ``dibregman``.
+    """
     if isinstance(h, BregmanH):
         return h
     if isinstance(h, str) and h in H_FAMILY:

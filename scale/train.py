@@ -353,6 +353,11 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step_hook = step_hook
         self.run_dir = Path(cfg.output_dir)
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator
 
         # ---- cheap validation (no model load) --------------------------------------------------
         if crd_requested := cfg.loss == "crd":
@@ -412,11 +417,6 @@ class Trainer:
             )
 
         # ---- accelerator and model ------------------------------------------------------------
-        if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.acc = accelerator
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.device = accelerator.device
@@ -472,7 +472,8 @@ class Trainer:
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.current_adapter: Optional[str] = None
 
-        # ---- run directory (only now: everything above validated) ------------------------------
+        # ---- run directory (only now: everything above validated, on every process) -----------
+        self.acc.wait_for_everyone()
         if self.is_main and not resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")

@@ -1,0 +1,90 @@
+"""``opd-scale``: build-tiny, train (config file + --set / --key overrides, errors, --resume), sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scale.cli import EXIT_INTERRUPTED, main
+from tests.scale.train_helpers import one_thread, read_metrics, tiny_config, workspace  # noqa: F401
+
+
+def test_build_tiny_writes_a_loadable_pipeline(tmp_path):
+    from scale.model import load_pipeline
+
+    assert main(["build-tiny", str(tmp_path / "tiny"), "--seed", "1"]) == 0
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    pipe = load_pipeline(tmp_path / "tiny")
+    assert pipe.transformer.config.qk_norm == "rms_norm"
+    assert main(["build-tiny", str(tmp_path / "tiny")]) == 2  # not empty: refused
+
+
+def test_train_from_file_with_overrides_then_sample(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, distill_steps=5)
+    path = tmp_path / "cfg.json"
+    cfg_dict = cfg.to_dict()
+    del cfg_dict["output_dir"]
+    path.write_text(json.dumps(cfg_dict))
+    rc = main(["train", "--config", str(path), "--set", "distill_steps=1", "--output-dir", str(run),
+               "--learning-rate", "0.003", "--set", "num_steps=2"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["distill_steps"], saved["learning_rate"], saved["num_steps"]) == (1, 0.003, 2)
+    assert [r["step"] for r in read_metrics(run) if r["event"] == "update"] == [1]
+    student = run / "student" / "pytorch_lora_weights.safetensors"
+    assert student.is_file() and (run / "samples" / "final.png").is_file()
+
+    # sample a grid from the base and from the student LoRA
+    from PIL import Image
+
+    out_base, out_student = tmp_path / "base.png", tmp_path / "student.png"
+    common = ["--model", workspace["model"], "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a cow",
+              "--resolution", "8", "--num-steps", "2", "--max-sequence-length", "8"]
+    assert main(["sample", *common, "--out", str(out_base)]) == 0
+    assert main(["sample", *common, "--lora", str(run / "student"), "--out", str(out_student)]) == 0
+    a = torch.tensor(list(Image.open(out_base).getdata()), dtype=torch.float32)
+    b = torch.tensor(list(Image.open(out_student).getdata()), dtype=torch.float32)
+    assert Image.open(out_base).size == (16, 16)  # 3 images of 8 px in a 2 x 2 grid
+    assert (a - b).abs().max() > 0  # the LoRA changes the images
+
+
+def test_train_errors_exit_2_naming_the_problem(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({**tiny_config(workspace, run).to_dict()}))
+    assert main(["train", "--config", str(path), "--set", "bogus_key=1"]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["train", "--resume", "--output-dir", str(tmp_path / "none")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not run.exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-flag", "1"])
+
+
+def test_cli_resume_after_sigterm(workspace, tmp_path, monkeypatch):
+    """The CLI returns 143 after a SIGTERM checkpoint and --resume (config from the run dir) finishes."""
+    import os
+    import signal
+
+    import scale.train as train_mod
+
+    run = tmp_path / "run"
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(tiny_config(workspace, run, distill_steps=2, num_steps=2).to_dict()))
+    real_init = train_mod.Trainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.callbacks.append(lambda tr, name, step: os.kill(os.getpid(), signal.SIGTERM) if step == 1 else None)
+
+    monkeypatch.setattr(train_mod.Trainer, "__init__", init_with_kill)
+    assert main(["train", "--config", str(path)]) == EXIT_INTERRUPTED
+    monkeypatch.setattr(train_mod.Trainer, "__init__", real_init)
+    assert main(["train", "--resume", "--output-dir", str(run)]) == 0
+    assert [r["step"] for r in read_metrics(run) if r["event"] == "update"] == [1, 2]
+    assert (run / "student" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,103 @@
+"""The typed config: Flow-GRPO / DiffusionOPD defaults, JSON and TOML files, command-line overrides,
+unknown keys and bad values rejected with the key named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from scale.config import FLOW_GRPO_TARGETS, ScaleConfig, apply_overrides, load_config, parse_value
+
+
+def test_defaults_are_the_sd35_medium_recipe():
+    cfg = ScaleConfig().validate()
+    assert (cfg.resolution, cfg.num_steps, cfg.noise_level, cfg.guidance_scale) == (512, 10, 0.7, 4.5)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.kernel, cfg.loss) == (32, 64, "sde", "opd_kl")
+    assert cfg.lora_targets == FLOW_GRPO_TARGETS and len(FLOW_GRPO_TARGETS) == 8
+    assert cfg.trained_step_indices() == list(range(10))
+
+
+def test_every_field_has_a_comment():
+    import inspect
+
+    import scale.config as mod
+
+    src = inspect.getsource(mod.ScaleConfig)
+    for f in dataclasses.fields(ScaleConfig):
+        line = next(ln for ln in src.splitlines() if ln.strip().startswith(f"{f.name}:"))
+        assert "  # " in line, f.name
+
+
+def test_json_and_toml_files_and_overrides(tmp_path):
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"num_steps": 4, "tasks": ["a", "b"], "noise_level": 0.5, "gradient_checkpointing": True}))
+    toml = tmp_path / "c.toml"
+    toml.write_text('num_steps = 4\ntasks = ["a", "b"]\nnoise_level = 0.5\ngradient_checkpointing = true\n')
+    a, b = load_config(js), load_config(toml)
+    assert a == b and a.num_steps == 4 and a.tasks == ["a", "b"] and a.gradient_checkpointing is True
+    c = load_config(js, ["num_steps=6", "tasks=x,y,z", 'train_steps=[0, 2]', "learning-rate=1e-3",
+                         "gradient_checkpointing=false"])
+    assert (c.num_steps, c.tasks, c.train_steps, c.learning_rate) == (6, ["x", "y", "z"], [0, 2], 1e-3)
+    assert c.gradient_checkpointing is False and c.trained_step_indices() == [0, 2]
+    assert apply_overrides(c, {"tasks": []}).tasks == []
+    # a saved config loads back identical
+    assert load_config(c.save(tmp_path / "back.json")) == c
+
+
+@pytest.mark.parametrize("where", ["file", "override", "mapping"])
+def test_unknown_key_is_an_error_naming_it(tmp_path, where):
+    with pytest.raises(ValueError, match="unknown config key 'lerning_rate'"):
+        if where == "file":
+            path = tmp_path / "c.json"
+            path.write_text(json.dumps({"lerning_rate": 1.0}))
+            load_config(path)
+        elif where == "override":
+            load_config(None, ["lerning_rate=1"])
+        else:
+            apply_overrides(ScaleConfig(), {"lerning_rate": 1})
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("num_steps=zero", "num_steps"),
+        ("num_steps=0", "num_steps"),
+        ("num_steps=2.5", "num_steps"),
+        ("kernel=euler", "kernel"),
+        ("noise_level=0", "noise_level"),
+        ("learning_rate=nan", "learning_rate"),
+        ("loss=ode", "kernel"),
+        ("train_steps=[0, 10]", "train_steps"),
+        ("train_steps=[1, 1]", "duplicates"),
+        ("gradient_checkpointing=maybe", "gradient_checkpointing"),
+        ("batch_size=3", "micro_batch_size"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    base = ScaleConfig(micro_batch_size=2, batch_size=4)
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(base, [override])
+
+
+def test_per_task_lists_must_match_tasks():
+    with pytest.raises(ValueError, match="prompt_files"):
+        ScaleConfig(tasks=["a", "b"], prompt_files=["p"]).validate()
+    with pytest.raises(ValueError, match="distinct"):
+        ScaleConfig(tasks=["a", "a"]).validate()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_config(tmp_path / "missing.json")
+    bad = tmp_path / "c.yaml"
+    bad.write_text("a: 1")
+    with pytest.raises(ValueError, match=r"\.json or \.toml"):
+        load_config(bad)
+    broken = tmp_path / "c.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(broken)
+    assert parse_value("lora_targets", "attn.to_q") == ["attn.to_q"]

@@ -88,3 +88,35 @@ def test_cli_resume_after_sigterm(workspace, tmp_path, monkeypatch):
     assert main(["train", "--resume", "--output-dir", str(run)]) == 0
     assert [r["step"] for r in read_metrics(run) if r["event"] == "update"] == [1, 2]
     assert (run / "student" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---- bench building blocks -------------------------------------------------------------------
+
+
+def test_flop_arithmetic_matches_the_flop_counter():
+    """The hand formula of docs/scale.md (scale.bench.mmdit_forward_flops) equals torch's FlopCounterMode
+    on an MMDiT-X transformer (dual attention, qk RMS-norm) within the per-sample terms it leaves out."""
+    from diffusers import SD3Transformer2DModel
+
+    from scale.bench import count_forward_flops, mmdit_forward_flops
+
+    config = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
+                  num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=256, pooled_projection_dim=64,
+                  pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    counted = count_forward_flops(model, batch=2, latent_hw=32, text_len=40, joint_dim=128, pooled_dim=64)
+    by_hand = mmdit_forward_flops(config, image_tokens=(32 // 2) ** 2, text_tokens=40, batch=2)
+    assert abs(by_hand / counted - 1) < 5e-3, (by_hand, counted)
+
+
+def test_live_tensor_bytes_tracks_allocations_and_frees():
+    from scale.bench import LiveTensorBytes
+
+    with LiveTensorBytes() as live:
+        a = torch.ones(1000)  # 4000 bytes
+        b = torch.ones(500, dtype=torch.float64)  # 4000 bytes
+        del a
+        c = torch.ones(250)  # 1000 bytes, after a was freed
+        del b, c
+    assert live.peak == 8000 and live.current == 0

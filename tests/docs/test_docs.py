@@ -240,6 +240,18 @@ def _resolves(dotted: str) -> bool:
     return hooks.resolve_dotted(dotted) is not None
 
 
+def _missing_tests(text: str) -> list:
+    """The ``tests/...py`` paths and ``path::test`` node ids named in ``text`` that do not exist."""
+    missing = []
+    for path, _, test in re.findall(r"(tests/[\w/]+\.py)(::(\w+))?", text):
+        file = ROOT / path
+        if not file.is_file():
+            missing.append(f"names {path}, which does not exist")
+        elif test and not re.search(rf"def {re.escape(test)}\b", file.read_text(encoding="utf-8")):
+            missing.append(f"names {path}::{test}, which does not exist")
+    return missing
+
+
 def test_derivation_pages_follow_the_docs_format():
     problems = []
     numbers = []
@@ -263,13 +275,19 @@ def test_derivation_pages_follow_the_docs_format():
         for dotted in re.findall(r"`((?:opd_ref|toys|scale)(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", sections.get("Code", "")):
             if not _resolves(dotted):
                 problems.append(f"{rel}: Code names {dotted}, which does not exist")
-        for path, _, test in re.findall(r"(tests/[\w/]+\.py)(::(\w+))?", sections.get("Tests", "")):
-            file = ROOT / path
-            if not file.is_file():
-                problems.append(f"{rel}: Tests names {path}, which does not exist")
-            elif test and not re.search(rf"def {re.escape(test)}\b", file.read_text(encoding="utf-8")):
-                problems.append(f"{rel}: Tests names {path}::{test}, which does not exist")
+        problems += [f"{rel}: {p}" for p in _missing_tests(sections.get("Tests", ""))]
     dupes = sorted({n for n in numbers if numbers.count(n) > 1})
     if dupes:
         problems.append(f"more than one page for D{dupes}")
     assert not problems, "derivation pages:\n  " + "\n  ".join(problems)
+
+
+def test_claims_page_names_existing_tests_and_commands():
+    """Every pytest node id in docs/claims.md exists, and each claim row has a verdict."""
+    text = (ROOT / "docs" / "claims.md").read_text(encoding="utf-8")
+    assert not _missing_tests(text), _missing_tests(text)
+    rows = [line for line in text.splitlines() if re.match(r"^\|\s*\d+\s*\|", line)]
+    assert len(rows) >= 9, "the nine claims of issue 6 at least"
+    verdicts = ("holds exactly", "holds on the toy", "does not hold as stated", "not measured")
+    bad = [row.split("|")[1].strip() for row in rows if not any(v in row.split("|")[-2] for v in verdicts)]
+    assert not bad, f"claim rows without a verdict: {bad}"

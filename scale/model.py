@@ -578,35 +578,52 @@ def save_lora(transformer, adapter_name: str, out_dir: str | os.PathLike) -> Pat
 # velocity
 
 
+def _lora_index(transformer) -> tuple[list, list[torch.nn.Parameter]]:
+    """The peft tuner layers and LoRA parameters of ``transformer``, cached until its set of adapters
+    changes (walking every module on each forward would cost more than a tiny model's forward)."""
+    config = getattr(transformer, "peft_config", {}) or {}
+    key = tuple((name, id(cfg)) for name, cfg in config.items())
+    cached = transformer.__dict__.get("_opd_lora_index")
+    if cached is None or cached[0] != key:
+        cached = (key, _tuner_layers(transformer), [p for _, p in _lora_named(transformer)])
+        transformer.__dict__["_opd_lora_index"] = cached
+    return cached[1], cached[2]
+
+
 @contextlib.contextmanager
 def _adapter_active(transformer, adapter: Optional[str]) -> Iterator[None]:
     """Activate ``adapter`` (``None``: disable all adapters = the reference model) for the block,
-    keeping every ``requires_grad`` flag as it was (also during the block)."""
+    keeping every ``requires_grad`` flag as it was (also during the block).
+
+    Uses peft's per-layer ``set_adapter`` / ``enable_adapters`` (public ``BaseTunerLayer`` API) on the
+    cached layers; both flip ``requires_grad`` as a side effect, which is undone right away."""
     names = _adapter_names(transformer)
     if adapter is not None and adapter not in names:
         raise ValueError(f"adapter {adapter!r} is not on the transformer; adapters: {names}")
-    if not names:
+    layers, params = _lora_index(transformer) if names else ([], [])
+    if not layers:
         yield
         return
-    flags = [(p, p.requires_grad) for _, p in _lora_named(transformer)]
-    active = list(transformer.active_adapters())
+    flags = [p.requires_grad for p in params]
+    active = list(layers[0].active_adapters)
+    enabled = not layers[0].disable_adapters
 
-    def restore_flags():
-        for p, flag in flags:
+    def switch(to_active: list[str], to_enabled: bool) -> None:
+        for layer in layers:  # only the calls that change something (each walks the layer's params)
+            if to_enabled and layer.disable_adapters:
+                layer.enable_adapters(True)
+            if list(layer.active_adapters) != to_active:
+                layer.set_adapter(to_active)
+            if not to_enabled and not layer.disable_adapters:
+                layer.enable_adapters(False)
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
 
     try:
-        if adapter is None:
-            transformer.disable_adapters()
-        else:
-            transformer.set_adapter(adapter)
-        restore_flags()
+        switch([adapter] if adapter is not None else active, adapter is not None)
         yield
     finally:
-        if adapter is None:
-            transformer.enable_adapters()
-        transformer.set_adapter(active)
-        restore_flags()
+        switch(active, enabled)
 
 
 def predict_velocity(

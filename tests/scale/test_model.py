@@ -172,6 +172,7 @@ def test_adapters_reference_and_grad_flags(tiny_pipe, embeds, latents0):
     # 2 blocks; the last one is context_pre_only (no to_add_out): 8 + 7 adapted Linear layers, A and B
     assert len(lora_parameters(tr, "student")) == 2 * 15
     flags = {n: p.requires_grad for n, p in tr.named_parameters()}
+    active = tr.active_adapters()
     with torch.no_grad():
         v_ref = predict_velocity(tr, latents0, s, embeds, 4.5, None)
         v_zero = predict_velocity(tr, latents0, s, embeds, 4.5, "zero")
@@ -191,6 +192,7 @@ def test_adapters_reference_and_grad_flags(tiny_pipe, embeds, latents0):
     assert all(p.grad is None for p in lora_parameters(tr, "teacher"))
     assert all(p.grad is None for n, p in tr.named_parameters() if ".lora_" not in n)
     assert {n: p.requires_grad for n, p in tr.named_parameters()} == flags
+    assert tr.active_adapters() == active  # predict_velocity leaves the active adapter as it was
     with pytest.raises(ValueError, match="already exists"):
         add_lora(tr, "student")
     with pytest.raises(ValueError, match="not on the transformer"):

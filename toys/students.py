@@ -107,10 +107,9 @@ class ResidualMLPStudent(nn.Module):
         return self.mlp(torch.cat([x, s, onehot], dim=1))
 
     def velocity(self, x: Tensor, sigma: SigmaLike, task: int = 0) -> Tensor:
-        r""":math:`v_\theta(x, \sigma, k)`, ``(B, d)``; the base velocity carries no gradient."""
-        with torch.no_grad():
-            v_ref = self.base.velocity(x, sigma)
-        return v_ref + self.residual(x, sigma, task)
+        r""":math:`v_\theta(x, \sigma, k)`, ``(B, d)``; the frozen base has no trainable parameters
+        (gradients reach ``x``, e.g. for the sampler's Jacobian, but no base tensor)."""
+        return self.base.velocity(x, sigma) + self.residual(x, sigma, task)
 
     def replicated_params(self, n: int) -> list:
         """``n`` independent copies of the MLP parameters as leaves of shape ``(n, *p.shape)``, in the
@@ -132,9 +131,7 @@ class ResidualMLPStudent(nn.Module):
             h = torch.einsum("boi,bi->bo", W, h) + b
             if i < n_lin - 1:
                 h = nn.functional.silu(h)
-        with torch.no_grad():
-            v_ref = self.base.velocity(x, sigma)
-        return v_ref + h
+        return self.base.velocity(x, sigma) + h
 
     forward = velocity
 

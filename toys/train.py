@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from opd_ref import gaussian_log_prob, ode_matching_loss, opd_kl_loss, ppo_surrogate_loss, ode_step, sde_step
 from opd_ref.estimators import estimator_surrogate
+from toys.samplers import sigma_grid
 
 __all__ = [
     "METHODS",
@@ -98,11 +99,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sigma_grid(n_steps: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Uniform sampling grid ``sigma_0 = 1 > ... > sigma_N = 0``, shape ``(N + 1,)``."""
-    return torch.linspace(1.0, 0.0, n_steps + 1, dtype=dtype)
 
 
 def task_schedule(kind: str, n_tasks: int, n_updates: int) -> List[List[int]]:
@@ -168,7 +164,7 @@ class Trainer:
 
     Counters: ``forward_passes`` (student velocity evaluations, one per sample per step),
     ``teacher_passes``, ``seconds`` (wall clock inside :meth:`update`), ``updates``,
-    ``task_updates`` (per-task count of accumulated gradients).
+    ``task_updates`` (per-task count of updates that included the task).
 
     Reference: ``diffusionopd`` (two-stage recipe, round-robin multi-task OPD), ``flowgrpo``.
     """
@@ -193,7 +189,7 @@ class Trainer:
         self.dtype = params[0].dtype
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(int(seed))
-        self.sigmas = sigma_grid(cfg.n_steps, self.dtype)
+        self.sigmas = sigma_grid(cfg.n_steps, dtype=self.dtype)
         self.forward_passes = 0
         self.teacher_passes = 0
         self.seconds = 0.0
@@ -270,8 +266,7 @@ class Trainer:
             traj = trajs[k] if trajs is not None else self.rollout(k)
             loss = self.task_loss(k, traj) / len(tasks)
             loss.backward()
-            losses[k] = float(loss) * len(tasks)
-            self.task_updates[k] += 1
+            losses[k] = float(loss.detach()) * len(tasks)
         return losses
 
     def update(self, tasks: Sequence[int]) -> Dict[int, float]:
@@ -285,6 +280,8 @@ class Trainer:
             losses = self.accumulate(tasks, trajs)
             self.opt.step()
             self.updates += 1
+        for k in tasks:
+            self.task_updates[k] += 1
         self.seconds += time.perf_counter() - t0
         return losses
 

@@ -43,17 +43,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _interleaved_medians(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> Dict[str, float]:
+    """Median wall time of each function, timed in interleaved rounds (one call of each per round,
+    after one warm-up round) so that machine-load drift affects every quantity alike."""
+    for fn in fns.values():
         fn()
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def count_forward_flops(transformer, batch: int, latent_hw: int, text_len: int, joint_dim: int, pooled_dim: int,
@@ -274,9 +277,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         results["trained_steps"] = list(tr.trained)
         results["micro_batch_size"] = micro_batch_size
 
-        # ---- 1. overhead ---------------------------------------------------------------------
-        u = iter(range(10**6))
-        t_update = _median_time(lambda: tr.distill_update(next(u)), dev, repeats)
+        # ---- 1. overhead and 3. cost per update, timed in interleaved rounds ---------------
         embeds = tr._embeds([tr.tasks[0].prompts[0]] * micro_batch_size)
         x = torch.randn((micro_batch_size,) + tr.latent_shape, device=dev)
         sigma = tr.sigmas[1].expand(micro_batch_size).clone()
@@ -297,9 +298,22 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
             for p in params:
                 p.grad = None
 
-        t_roll = _median_time(no_grad_calls(STUDENT), dev, repeats) / calls
-        t_teacher = _median_time(no_grad_calls(tr.tasks[0].adapter), dev, repeats) / calls
-        t_fb = _median_time(fwd_bwd, dev, repeats) / calls
+        # GRPO: one prompt x group_size = the same number of rollouts, KL to the reference on
+        tr_ppo = make(loss="ppo_opd")
+        tr_grpo = make(stage1_steps=1, teacher_loras=[""], rewards=["brightness"], group_size=micro_batch_size,
+                       batch_size=1, kl_beta=0.04)
+        counters = {name: iter(range(10**6)) for name in ("opd", "ppo", "grpo")}
+        med = _interleaved_medians({
+            "opd_kl_update": lambda: tr.distill_update(next(counters["opd"])),
+            "ppo_opd_update": lambda: tr_ppo.distill_update(next(counters["ppo"])),
+            "grpo_update": lambda: tr_grpo.grpo_update(0, 0, next(counters["grpo"])),
+            "rollout_forwards": no_grad_calls(STUDENT),
+            "teacher_forwards": no_grad_calls(tr.tasks[0].adapter),
+            "student_forward_backward": fwd_bwd,
+        }, dev, repeats)
+        t_update = med["opd_kl_update"]
+        t_roll, t_teacher, t_fb = (med[k] / calls for k in ("rollout_forwards", "teacher_forwards",
+                                                             "student_forward_backward"))
         n_micro = tr.cfg.batch_size // tr.cfg.micro_batch_size
         T, S = tr.cfg.num_steps, len(tr.trained)
         floor = len(tr.tasks) * n_micro * (T * t_roll + S * (t_teacher + t_fb))
@@ -308,19 +322,9 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
             "student_forward_backward_s": t_fb, "sum_of_model_calls_s": floor, "ratio": t_update / floor,
             "target": 1.15,
         }
-
-        # ---- 3. cost per update at equal rollouts ------------------------------------------
-        # GRPO: one prompt x group_size = batch rollouts (equal rollouts), KL to the reference on
-        tr_ppo = make(loss="ppo_opd")
-        tr_grpo = make(stage1_steps=1, teacher_loras=[""], rewards=["brightness"], group_size=micro_batch_size,
-                       batch_size=1, kl_beta=0.04)
-        u_ppo, u_grpo = iter(range(10**6)), iter(range(10**6))
-        t_ppo = _median_time(lambda: tr_ppo.distill_update(next(u_ppo)), dev, repeats)
-        t_grpo = _median_time(lambda: tr_grpo.grpo_update(0, 0, next(u_grpo)), dev, repeats)
-        t_opd = _median_time(lambda: tr.distill_update(next(u)), dev, repeats)
         results["cost_per_update"] = {
-            "opd_kl_s": t_opd, "ppo_opd_s": t_ppo, "grpo_s": t_grpo,
-            "ppo_opd_over_opd_kl": t_ppo / t_opd, "grpo_over_opd_kl": t_grpo / t_opd,
+            "opd_kl_s": t_update, "ppo_opd_s": med["ppo_opd_update"], "grpo_s": med["grpo_update"],
+            "ppo_opd_over_opd_kl": med["ppo_opd_update"] / t_update, "grpo_over_opd_kl": med["grpo_update"] / t_update,
             "rollouts_per_update": micro_batch_size * len(tr.tasks),
         }
         del tr_ppo, tr_grpo
@@ -349,8 +353,8 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
                                             int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim),
                                             device=dev, dtype=tr.dtype)
             peak = (peak_tflops or 989.0) * 1e12
-            sample_s = _median_time(lambda: tr.rollout(embeds, micro_batch_size, tr.generator(5), STUDENT, kernel="ode"),
-                                    dev, repeats)
+            sample_s = _interleaved_medians(
+                {"s": lambda: tr.rollout(embeds, micro_batch_size, tr.generator(5), STUDENT, kernel="ode")}, dev, repeats)["s"]
             update_flops = len(tr.tasks) * n_micro * flops_fwd * (T + S * (1 + 3))  # rollout + teacher + fwd/bwd
             results["gpu"] = {
                 "images_per_s": micro_batch_size / sample_s,

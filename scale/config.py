@@ -127,10 +127,6 @@ class ScaleConfig:
             raise ValueError(f"config loss {self.loss!r} needs a stochastic kernel (sde or cps), got kernel 'ode'")
         if self.loss == "ode" and self.kernel != "ode":
             raise ValueError(f"config loss 'ode' (transition matching) needs kernel 'ode', got {self.kernel!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"config batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
-            )
         for idx in self.train_steps:
             if not 0 <= idx < self.num_steps:
                 raise ValueError(f"config train_steps entries must lie in [0, num_steps={self.num_steps}), got {idx}")

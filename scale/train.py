@@ -422,10 +422,11 @@ class Trainer:
         self.device = accelerator.device
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
         self.is_main = accelerator.is_main_process
-        n_micro = cfg.batch_size // cfg.micro_batch_size
-        if n_micro % self.world:
+        if cfg.loss != "crd" and (cfg.batch_size % cfg.micro_batch_size
+                                  or (cfg.batch_size // cfg.micro_batch_size) % self.world):
             raise ValueError(
-                f"batch_size / micro_batch_size = {n_micro} micro-batches must split evenly over {self.world} processes"
+                f"stage 2 needs batch_size ({cfg.batch_size}) = a multiple of micro_batch_size "
+                f"({cfg.micro_batch_size}) whose micro-batches split evenly over {self.world} processes"
             )
         if (stage1 or cfg.loss == "crd") and (cfg.batch_size % self.world or cfg.group_size % cfg.micro_batch_size):
             raise ValueError(
@@ -471,6 +472,7 @@ class Trainer:
         self.phases.append(("distill", -1))
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.current_adapter: Optional[str] = None
+        self._adapter_params: Dict[str, List[torch.nn.Parameter]] = {}
 
         # ---- run directory (only now: everything above validated, on every process) -----------
         self.acc.wait_for_everyone()
@@ -484,7 +486,9 @@ class Trainer:
         """The LoRA parameters of ``adapter`` (by name, whatever their ``requires_grad``)."""
         from scale.model import lora_parameters
 
-        return lora_parameters(self.transformer, adapter)
+        if adapter not in self._adapter_params:  # cached: walking named_parameters is slow
+            self._adapter_params[adapter] = lora_parameters(self.transformer, adapter)
+        return self._adapter_params[adapter]
 
     def lora_state(self) -> Dict[str, Tensor]:
         """Every LoRA tensor of the transformer (all adapters), by parameter name, on CPU."""

@@ -17,6 +17,19 @@ Reward models that need weights (PickScore, HPSv2, the LAION aesthetic predictor
 shipped: no weights can be downloaded here and a fake would be dishonest.  A user who has the weights
 writes a function or class with the protocol's signature in their own module and passes
 ``"my_module:my_reward"`` (a class is instantiated with the keyword arguments of :func:`get_reward`).
+A skeleton (the scoring line is the model's own; nothing here is shipped or tested)::
+
+    # my_rewards.py -- on the user's machine, weights in a local directory
+    class PickScore:
+        def __init__(self, weights_dir="/models/PickScore_v1", device="cuda"):
+            ...  # load processor and model from weights_dir, eval(), to(device)
+
+        @torch.no_grad()
+        def __call__(self, images, prompts):  # images (B, 3, H, W) in [0, 1]
+            ...  # preprocess images and prompts, score them
+            return scores  # (B,) tensor, higher is better
+
+    reward = get_reward("my_rewards:PickScore", weights_dir="/models/PickScore_v1")
 
 Reference: ``flowgrpo`` (compressibility, PickScore, aesthetic rewards), DDPO (JPEG compressibility).
 """

@@ -13,7 +13,9 @@ Reference: ``diffusionopd`` / ``flowgrpo`` (SD3.5-Medium is the model both fine-
 from __future__ import annotations
 
 import os
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 import torch
@@ -101,6 +103,9 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     Returns:
         The directory, loadable with ``StableDiffusion3Pipeline.from_pretrained`` offline.
 
+    The files are written to a temporary sibling directory and renamed into place, so a failure
+    leaves nothing behind.
+
     Raises:
         ValueError: ``out_dir`` exists and is not empty.
         TypeError: ``seed`` is not an int.
@@ -111,8 +116,17 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir must be an empty or absent directory, got {str(out)!r} (not empty)")
     pipe = make_tiny_pipeline(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out)
+    # write into a temporary sibling and rename it into place: a failure leaves no partial pipeline
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

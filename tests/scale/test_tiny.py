@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,16 @@ def test_build_refuses_a_non_empty_directory(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
     with pytest.raises(TypeError, match="seed"):
         make_tiny_pipeline(seed=1.5)
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    def broken(self, save_directory, **kwargs):
+        (Path(save_directory) / "model_index.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_tiny_pipeline(tmp_path / "pipe")
+    assert list(tmp_path.iterdir()) == []

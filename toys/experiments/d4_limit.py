@@ -29,6 +29,11 @@ from toys.figures import plt, save
 from toys.train import sigma_grid
 
 
+#: sizes of quick and full mode (tests shrink QUICK)
+QUICK = dict(n_a=7, batch=64)
+FULL = dict(n_a=13, batch=512)
+
+
 def _grad(loss: torch.Tensor, params) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
@@ -43,8 +48,9 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     gen = torch.Generator().manual_seed(seed)
     n_steps = 10
     sig = sigma_grid(n_steps)
-    a_values = np.logspace(-3, 0, 7 if quick else 13)
-    batch = 64 if quick else 512
+    cfg = QUICK if quick else FULL
+    a_values = np.logspace(-3, 0, cfg["n_a"])
+    batch = cfg["batch"]
     x = torch.randn(batch, 2, generator=gen, dtype=torch.float64)
     metrics, rows = [], []
     worst_exact, worst_weight, worst_cos = 0.0, 0.0, 0.0

@@ -36,6 +36,11 @@ EVAL_STEPS = 24
 GRPO_KL_COEF = None  # None: each task's beta, the coefficient whose KL-regularised optimum is p*_k
 
 
+#: sizes of quick and full mode (tests shrink QUICK); quick mode uses at most ``max_seeds`` seeds
+QUICK = dict(n_updates=40, n_evals=2, n_eval=400, max_seeds=2, batch_size=64, rl_teachers=False)
+FULL = dict(n_updates=200, n_evals=5, n_eval=2000, max_seeds=None, batch_size=64, rl_teachers=True)
+
+
 def per_task_kl(student, setting, n: int, seed: int) -> List[float]:
     """KL of the student's Euler sampler to each task's target (exact densities, ``n`` samples)."""
     return [sampler_kl(lambda x, s, k=k: student.velocity(x, s, k), setting.targets[k].log_prob,
@@ -108,11 +113,12 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     K = setting.n_tasks
-    seeds = list(seeds)[:2] if quick else list(seeds)
-    n_updates = 40 if quick else 200
-    kw = dict(n_updates=n_updates, n_evals=2 if quick else 5, batch_size=64, noise_level=0.5, lr=0.02,
-              n_eval=400 if quick else 2000)
-    methods = ["opd", "joint", "cascade"] + ([] if quick else ["opd_rl_teachers"])
+    cfg = QUICK if quick else FULL
+    seeds = list(seeds)[: cfg["max_seeds"]]
+    n_updates = cfg["n_updates"]
+    kw = dict(n_updates=n_updates, n_evals=cfg["n_evals"], batch_size=cfg["batch_size"], noise_level=0.5, lr=0.02,
+              n_eval=cfg["n_eval"])
+    methods = ["opd", "joint", "cascade"] + (["opd_rl_teachers"] if cfg["rl_teachers"] else [])
     logs: Dict[str, List[dict]] = {m: [] for m in methods}
     metrics = []
     bar = tqdm([(m, s) for m in methods for s in seeds], desc="multitask", leave=False)

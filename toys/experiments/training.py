@@ -22,6 +22,11 @@ from toys.students import GMMStudent
 from toys.train import METHODS, Trainer, TrainConfig
 
 
+#: sizes of quick and full mode (tests shrink QUICK); quick mode uses at most ``max_seeds`` seeds
+QUICK = dict(n_updates=60, eval_every=10, max_seeds=2, noise_level=0.5, batch_size=64, lr=0.05)
+FULL = dict(n_updates=300, eval_every=20, max_seeds=None, noise_level=0.5, batch_size=64, lr=0.05)
+
+
 def expected_reward(p, reward) -> float:
     r"""Exact :math:`\mathbb E_p[r]` for a GMM ``p`` and a quadratic-form reward:
     :math:`\sum_k w_k(-\tfrac12(\mathrm{tr}(A S_k) + m_k^\top A m_k) + h^\top m_k) + r_0`."""
@@ -67,9 +72,10 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     task = 0
-    seeds = list(seeds)[:2] if quick else list(seeds)
-    n_updates, eval_every = (60, 10) if quick else (300, 20)
-    noise_level, batch_size, lr = 0.5, 64, 0.05
+    cfg = QUICK if quick else FULL
+    seeds = list(seeds)[: cfg["max_seeds"]]
+    n_updates, eval_every = cfg["n_updates"], cfg["eval_every"]
+    noise_level, batch_size, lr = cfg["noise_level"], cfg["batch_size"], cfg["lr"]
     curves: Dict[str, List[dict]] = {m: [] for m in METHODS}
     metrics = []
     bar = tqdm([(m, s) for m in METHODS for s in seeds], desc="training", leave=False)

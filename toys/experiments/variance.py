@@ -27,6 +27,10 @@ from toys.figures import COLORS, LABELS, plt, save
 from toys.students import ResidualMLPStudent
 from toys.train import sigma_grid
 
+#: sample sizes of quick and full mode (tests shrink QUICK)
+QUICK = dict(n_mc=2000, a_values=[0.1, 0.2, 0.35, 0.5, 0.7, 1.0], n_roll=256, n_states=8, n_mc_sig=256)
+FULL = dict(n_mc=20000, a_values=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5], n_roll=2048, n_states=32,
+            n_mc_sig=2048)
 Z = 5.0  # two-sided z for Monte-Carlo checks: false-failure probability ~5.7e-7 each
 
 
@@ -123,8 +127,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     seed = int(seeds[0])
     student = make_student(setting, seed)
     gen = torch.Generator().manual_seed(seed)
-    n_mc = 2000 if quick else 20000
-    a_values = [0.1, 0.2, 0.35, 0.5, 0.7, 1.0] if quick else [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
+    cfg = QUICK if quick else FULL
+    n_mc, a_values = cfg["n_mc"], list(cfg["a_values"])
     n_steps = 10
     sig = sigma_grid(n_steps)
     sigma, sigma_next = float(sig[5]), float(sig[6])  # 0.5 -> 0.4
@@ -174,7 +178,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     figures = [save(fig, out_dir, "variance_vs_a.png")]
 
     # ---- 2. SNR vs a: conditional (analytic + MC) and rollout-level (MC, state random)
-    n_roll = 256 if quick else 2048
+    n_roll = cfg["n_roll"]
     a_roll = a_values[::2] + ([a_values[-1]] if len(a_values) % 2 == 0 else [])
     roll = {}
     for a in a_roll:
@@ -210,8 +214,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
 
     # ---- 3. along the rollout: conditional variance vs sigma, states from a student rollout
     a_sig = 0.7
-    n_states = 8 if quick else 32
-    n_mc_sig = 256 if quick else 2048
+    n_states = cfg["n_states"]
+    n_mc_sig = cfg["n_mc_sig"]
     x = torch.randn(n_states, 2, generator=gen, dtype=torch.float64)
     per_sigma = []
     for n in range(n_steps):

@@ -165,3 +165,24 @@ def test_rollout_bad_input(tiny_pipe, embeds, latents0):
         rollout(tr, embeds.select(0), sig, latents0)
     with pytest.raises(ValueError, match="latents0"):
         rollout(tr, embeds, sig, latents0[0])
+
+
+def test_dynamic_shifting_grid_matches_the_pipeline(tiny_pipe, embeds, latents0):
+    """With a resolution-dependent shift (use_dynamic_shifting), scheduler_sigmas computes the same
+    mu as the pipeline: the ODE rollout still equals the pipeline's output bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tiny_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        tiny_pipe.scheduler.config, use_dynamic_shifting=True
+    )
+    p = tiny_pipe.transformer.config.patch_size
+    seq_len = (latents0.shape[-2] // p) * (latents0.shape[-1] // p)
+    sig = scheduler_sigmas(tiny_pipe, NUM_STEPS, image_seq_len=seq_len)
+    static = tiny_pipe.scheduler.__class__.from_config(tiny_pipe.scheduler.config, use_dynamic_shifting=False)
+    static.set_timesteps(NUM_STEPS)
+    assert float((sig - static.sigmas).abs().max()) > 1e-3  # the shift really differs from the static one
+    final = _pipe_call(tiny_pipe, embeds, latents0, 4.5, output_type="latent")
+    traj = rollout(tiny_pipe.transformer, embeds, sig, latents0, kernel="ode", guidance_scale=4.5)
+    assert torch.equal(traj.final, final)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        scheduler_sigmas(tiny_pipe, NUM_STEPS)

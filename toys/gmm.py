@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from opd_ref.chains import gaussian_kl_full
 from toys.rewards import QuadraticFormReward, as_quadratic_form, sum_rewards
 
 __all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt"]
@@ -430,14 +431,7 @@ def gaussian_kl(p: GaussianMixture, q: GaussianMixture) -> Tensor:
             )
     if p.dim != q.dim:
         raise ValueError(f"p and q have dimensions {p.dim} and {q.dim}")
-    Sp, Sq = p.covs[0], q.covs[0].to(p.dtype)
-    dm = (q.means[0].to(p.dtype) - p.means[0])[:, None]
-    Lq = torch.linalg.cholesky(Sq)
-    Lp = torch.linalg.cholesky(Sp)
-    A = torch.linalg.solve_triangular(Lq, Lp, upper=False)
-    z = torch.linalg.solve_triangular(Lq, dm, upper=False)
-    logdet = 2.0 * (torch.log(torch.diagonal(Lq)).sum() - torch.log(torch.diagonal(Lp)).sum())
-    return 0.5 * ((A**2).sum() + (z**2).sum() - p.dim + logdet)
+    return gaussian_kl_full(p.means[0], p.covs[0], q.means[0].to(p.dtype), q.covs[0].to(p.dtype))
 
 
 def geometric_tilt(

@@ -331,6 +331,7 @@ def add_lora(
     target_modules: Sequence[str] = FLOW_GRPO_TARGETS,
     init_std: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    dtype: Optional[torch.dtype] = torch.float32,
 ) -> None:
     r"""Add a new LoRA adapter :math:`W + \tfrac{\alpha}{r} B A` to ``transformer`` (trainable).
 
@@ -348,6 +349,9 @@ def add_lora(
         target_modules: module-name suffixes to adapt (default :data:`FLOW_GRPO_TARGETS`).
         init_std: optional std of a random ``lora_B``; ``None`` keeps peft's zero init.
         generator: RNG for ``init_std`` (CPU generator).
+        dtype: dtype of the new adapter's parameters (default float32: trainable master weights stay
+            in float32 when the base runs in bf16/fp16; peft casts the layer input to it and the
+            result back to the base dtype); ``None`` keeps the base's dtype.
 
     Raises:
         ValueError: duplicate name, rank < 1, alpha <= 0, init_std < 0, no module matches the targets.
@@ -375,6 +379,8 @@ def add_lora(
         transformer.add_adapter(config, adapter_name=adapter_name)
     params = lora_parameters(transformer, adapter_name)
     for p in params:
+        if dtype is not None:
+            p.data = p.data.to(dtype)
         p.requires_grad_(True)
     if init_std is not None and float(init_std) > 0:
         with torch.no_grad():

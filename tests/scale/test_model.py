@@ -141,7 +141,7 @@ def test_cfg_velocity_equals_the_guidance_formula(tiny_pipe, embeds, latents0):
         predict_velocity(tr, latents0[0], s, embeds, g, None)
 
 
-def test_bf16_model_returns_float32_velocity(tiny_pipe, embeds, latents0):
+def test_bf16_model_returns_float32_velocity_and_trains_float32_lora(tiny_pipe, embeds, latents0):
     tr = tiny_pipe.transformer
     s = _sigma(2)
     with torch.no_grad():
@@ -151,6 +151,16 @@ def test_bf16_model_returns_float32_velocity(tiny_pipe, embeds, latents0):
     assert v16.dtype == torch.float32
     # bf16 keeps 8 mantissa bits: relative error ~ 2^-8 per op; a loose bound that still fails on garbage
     assert float((v16 - v32).norm() / v32.norm()) < 0.1
+    # LoRA master weights stay float32 on the bf16 base, and get float32 gradients
+    add_lora(tr, "student", rank=4, alpha=8, init_std=0.05)
+    add_lora(tr, "base_dtype", rank=4, alpha=8, dtype=None)
+    assert {p.dtype for p in lora_parameters(tr, "student")} == {torch.float32}
+    assert {p.dtype for p in lora_parameters(tr, "base_dtype")} == {torch.bfloat16}
+    v = predict_velocity(tr, latents0, s, embeds, 4.5, "student")
+    v.square().mean().backward()
+    grads = [p.grad for p in lora_parameters(tr, "student")]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert float((v.detach() - v16).abs().max()) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     p_ref, teacher, r0, beta0 = setting.p_ref, setting.targets[0], setting.rewards[0], setting.betas[0]
-    steps, batch, eval_every, grid_n = (150, 256, 15, 101) if quick else (500, 512, 25, 181)
+    steps, batch, eval_every, grid_n = (120, 192, 15, 101) if quick else (500, 512, 25, 181)
     div = GridDivergence(grid_n)
     # generator start: the reference ring shrunk to 0.7 of its radius with doubled covariances
     init = GaussianMixture(p_ref.weights, 0.7 * p_ref.means, 2.0 * p_ref.covs)

@@ -228,13 +228,24 @@ class PromptCache:
         max_sequence_length: T5 tokens per prompt (the pipeline's default is 256).
         guidance: also provide the negative embeddings (needed for CFG, ``guidance_scale > 1``).
         negative_prompt: the unconditional prompt (default ``""``, as the pipeline).
+        batch_size: prompts per text-encoder call when many new prompts arrive at once (a progress bar
+            shows when there is more than one batch).
 
     Reference: ``flowgrpo`` (CFG with the empty prompt during rollouts).
     """
 
-    def __init__(self, pipe, max_sequence_length: int = 256, guidance: bool = True, negative_prompt: str = ""):
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+    def __init__(
+        self,
+        pipe,
+        max_sequence_length: int = 256,
+        guidance: bool = True,
+        negative_prompt: str = "",
+        batch_size: int = 32,
+    ):
+        for name, value in (("max_sequence_length", max_sequence_length), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.batch_size = batch_size
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self.guidance = bool(guidance)
@@ -270,10 +281,16 @@ class PromptCache:
         if bad:
             raise TypeError(f"prompts must all be strings, got {type(bad[0]).__name__} {bad[0]!r}")
         new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if new:
-            embeds, pooled = self._encode(new)
-            for i, p in enumerate(new):
-                self._cache[p] = (embeds[i : i + 1], pooled[i : i + 1])
+        starts = range(0, len(new), self.batch_size)
+        if len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encoding prompts", unit="batch")
+        for start in starts:
+            chunk = new[start : start + self.batch_size]
+            embeds, pooled = self._encode(chunk)
+            for i, p in enumerate(chunk):
+                self._cache[p] = (embeds[i : i + 1].clone(), pooled[i : i + 1].clone())
         pos = torch.cat([self._cache[p][0] for p in prompts], dim=0)
         pooled = torch.cat([self._cache[p][1] for p in prompts], dim=0)
         if not self.guidance:

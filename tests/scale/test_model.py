@@ -98,6 +98,17 @@ def test_prompt_cache_encodes_each_prompt_once_and_matches_the_pipeline(tiny_pip
     assert not torch.equal(first.prompt_embeds[0], first.prompt_embeds[1])
     # CLIP tokens (16) + T5 tokens (8), width = T5 d_model
     assert pe.shape == (2, 16 + 8, tiny_pipe.transformer.config.joint_attention_dim)
+    # many new prompts are encoded in batches of batch_size, with the same embeddings
+    calls.clear()
+    tiny_pipe.encode_prompt = counting
+    chunked = PromptCache(tiny_pipe, max_sequence_length=8, guidance=False, batch_size=2)
+    five = [f"prompt {i}" for i in range(4)] + ["a blue dog"]
+    out = chunked.encode(five)
+    tiny_pipe.encode_prompt = original
+    assert [len(c) for c in calls] == [2, 2, 1] and out.negative_prompt_embeds is None
+    torch.testing.assert_close(out.prompt_embeds[-1], pe[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptCache(tiny_pipe, batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         cache.encode([])
     with pytest.raises(TypeError, match="list of strings"):

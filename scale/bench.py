@@ -301,7 +301,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         # GRPO: one prompt x group_size = the same number of rollouts, KL to the reference on
         tr_ppo = make(loss="ppo_opd")
         tr_grpo = make(stage1_steps=1, teacher_loras=[""], rewards=["brightness"], group_size=micro_batch_size,
-                       batch_size=1, kl_beta=0.04)
+                       batch_size=1, kl_beta=0.04, distill_steps=0)
         counters = {name: iter(range(10**6)) for name in ("opd", "ppo", "grpo")}
         med = _interleaved_medians({
             "opd_kl_update": lambda: tr.distill_update(next(counters["opd"])),

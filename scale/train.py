@@ -360,12 +360,6 @@ class Trainer:
         self.acc = accelerator
 
         # ---- cheap validation (no model load) --------------------------------------------------
-        if crd_requested := cfg.loss == "crd":
-            try:
-                import opd_ref.crd  # noqa: F401
-            except ImportError:
-                raise ValueError("config loss 'crd' needs opd_ref.crd, which this install does not have") from None
-        del crd_requested
         if not cfg.tasks:
             raise ValueError("config tasks is empty: give at least one task (tasks, prompt_files, teacher_loras)")
         if len(cfg.prompt_files) != len(cfg.tasks):
@@ -422,7 +416,7 @@ class Trainer:
         self.device = accelerator.device
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
         self.is_main = accelerator.is_main_process
-        if cfg.loss != "crd" and (cfg.batch_size % cfg.micro_batch_size
+        if cfg.loss != "crd" and cfg.distill_steps > 0 and (cfg.batch_size % cfg.micro_batch_size
                                   or (cfg.batch_size // cfg.micro_batch_size) % self.world):
             raise ValueError(
                 f"stage 2 needs batch_size ({cfg.batch_size}) = a multiple of micro_batch_size "
@@ -461,6 +455,11 @@ class Trainer:
         # encode every prompt once now (the text encoders are not needed afterwards)
         all_prompts = sorted({p for t in self.tasks for p in t.prompts} | set(self.heldout_prompts))
         self.cache.encode(all_prompts)
+        if self.device.type == "cuda":  # the text encoders (T5-XXL: ~9.5 GB in bf16) are done: offload
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(self.pipe, name, None) is not None:
+                    getattr(self.pipe, name).to("cpu")
+            torch.cuda.empty_cache()
 
         from scale.rollout import scheduler_sigmas
 
@@ -792,22 +791,20 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def _has_record(self, phase: int, step: int, event: str) -> bool:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return False
-        for line in path.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("phase") == phase and rec.get("step") == step and rec.get("event") == event:
-                return True
-        return False
-
     def _truncate_metrics(self, phase: int, step: int) -> None:
+        """Drop the metrics records written after the checkpoint at ``(phase, step)`` (main process)."""
         path = self.run_dir / "metrics.jsonl"
         if not self.is_main or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and (json.loads(line)["phase"], json.loads(line)["step"]) <= (phase, step)]
+        keep = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else None
+            if rec is None:
+                continue
+            pos = (rec["phase"], rec["step"])
+            # an eval at step 0 of a phase is logged after that phase's first checkpoint: it is redone
+            if pos < (phase, step) or (pos == (phase, step) and (step > 0 or rec.get("event") != "eval")):
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
 
     def save_checkpoint(self, phase: int, step: int) -> None:
@@ -865,7 +862,7 @@ class Trainer:
                     self.optimizers[adapter].load_state_dict(opt_state)
                     opt_state = None
                 total = self._phase_steps(phase)
-                if kind == "distill" and step == 0 and self.heldout_prompts and not self._has_record(phase, 0, "eval"):
+                if kind == "distill" and step == 0 and self.heldout_prompts:
                     self._log({"phase": phase, "step": 0, "event": "eval", **self.heldout_divergence()})
                 bar = tqdm(total=total, initial=step, desc=self._phase_name(phase), disable=not self.is_main, dynamic_ncols=True)
                 while step < total:

@@ -76,11 +76,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (f"; errors in {', '.join(errors)}" if errors else ""))
         return 1 if errors or ok < n else 0
     if args.command == "bench":
-        from toys.bench import run_bench
-
         out = pathlib.Path(args.out)
         if out.exists() and out.is_dir():
             parser.error(f"--out must be a file path, but {str(out)!r} is a directory")
+        from toys.bench import run_bench
+
         run_bench(out, seeds=args.seeds or [0, 1, 2], quick=args.quick)
         print(f"wrote {out}")
         return 0

@@ -37,7 +37,7 @@ GRPO_KL_COEF = None  # None: each task's beta, the coefficient whose KL-regulari
 
 
 #: sizes of quick and full mode (tests shrink QUICK); quick mode uses at most ``max_seeds`` seeds
-QUICK = dict(n_updates=40, n_evals=2, n_eval=400, max_seeds=2, batch_size=64, rl_teachers=False)
+QUICK = dict(n_updates=40, n_evals=2, n_eval=300, max_seeds=2, batch_size=64, rl_teachers=False)
 FULL = dict(n_updates=200, n_evals=5, n_eval=2000, max_seeds=None, batch_size=64, rl_teachers=True)
 
 
@@ -85,7 +85,7 @@ def train_multitask(method: str, setting, seed: int, *, n_updates: int, n_evals:
                  rewards=setting.rewards, betas=setting.betas, seed=seed)
     schedule = task_schedule("cascade" if method == "cascade" else "round_robin", K, n_updates)
     if method == "cascade":
-        evals = {len(schedule) * (j + 1) // (K * 2) for j in range(2 * K)}  # twice per stage
+        evals = {len(schedule) * (j + 1) // (K * n_evals) for j in range(n_evals * K)}  # n_evals per stage
     else:
         evals = {len(schedule) * (j + 1) // n_evals for j in range(n_evals)}
     log = {"forward_passes": [base_fp], "seconds": [base_s], "kl": [per_task_kl(student, setting, n_eval, seed)],

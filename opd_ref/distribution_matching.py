@@ -26,7 +26,7 @@ from torch import Tensor
 
 from opd_ref._checks import as_batch_tensor, check_same_shape, check_tensor
 
-__all__ = ["distribution_matching_surrogate"]
+__all__ = ["distribution_matching_surrogate", "dmd_normalized_weight"]
 
 
 def distribution_matching_surrogate(
@@ -71,3 +71,38 @@ def distribution_matching_surrogate(
         raise ValueError(f"weight must be >= 0, got min {float(w.min()):.4g}")
     direction = (w * (score_fake - score_real)).detach()
     return (direction * x_sigma).flatten(1).sum(dim=1)
+
+
+def dmd_normalized_weight(x: Tensor, x0_real: Tensor, sigma: Union[float, Tensor]) -> Tensor:
+    r"""DMD's per-sample gradient normalisation, expressed as the score weight for the clean output.
+
+    DMD / DMD2 step the generator output :math:`x` along
+    :math:`(\hat x_0^{fake} - \hat x_0^{real}) / \mathrm{mean}_d|x - \hat x_0^{real}|`, with the
+    denoisers :math:`\hat x_0 = \mathbb E[x|x_\sigma] = (x_\sigma + \sigma^2 s(x_\sigma))/(1-\sigma)`
+    (Tweedie in this package's convention).  Hence
+    :math:`\hat x_0^{fake} - \hat x_0^{real} = \frac{\sigma^2}{1-\sigma}(s_{fake} - s_{real})` and
+    DMD's update is :func:`distribution_matching_surrogate` on the *clean* ``x`` with
+
+    .. math::
+        w_i = \frac{\sigma_i^2}{(1-\sigma_i)\,\frac1D\sum_d |x_{i,d} - \hat x^{real}_{0,i,d}|}
+
+    Args:
+        x: ``(B, *event)`` generator output (clean).
+        x0_real: ``(B, *event)`` teacher denoiser :math:`\hat x_0^{real}(x_\sigma)`.
+        sigma: float or ``(B,)`` noise levels in ``(0, 1)``.
+
+    Returns:
+        ``(B,)`` detached weights.
+
+    Reference: ``dmd`` (gradient normalisation), ``dmd2`` (public implementation).
+    """
+    x = check_tensor("x", x).detach()
+    x0_real = check_tensor("x0_real", x0_real).detach()
+    check_same_shape("x", x, "x0_real", x0_real)
+    s = as_batch_tensor("sigma", sigma.detach() if isinstance(sigma, Tensor) else sigma, x).flatten()
+    if not bool(((s > 0) & (s < 1)).all()):
+        raise ValueError(f"sigma must lie in (0, 1), got min {float(s.min()):.4g}, max {float(s.max()):.4g}")
+    norm = (x - x0_real).abs().flatten(1).mean(dim=1)
+    if not bool((norm > 0).all()):
+        raise ValueError("mean |x - x0_real| is 0 for some sample: DMD's normalisation is undefined there")
+    return s**2 / ((1.0 - s) * norm)

@@ -109,6 +109,23 @@ def test_invariant_to_per_prompt_constants(seed, shift_scale):
         assert not torch.allclose(uncentered_reward_loss(r_hat + a[gid], reward), uncentered_reward_loss(r_hat, reward))
 
 
+@given(seed=st.integers(0, 10_000), beta=st.floats(0.1, 3.0))
+def test_group_mean_loss_is_half_variance_of_log_ratio_to_p_star(seed, beta):
+    # per group: mean_i l_i = 1/2 Var_g[beta log(p_theta / p*)] (biased sample variance), exactly; its
+    # large-group limit is 1/2 Var_q, zero only at p* (the normaliser has dropped out)
+    m_ref, s_ref, b, gid, x = _setup(seed, n_ctx=2, group=7)
+    mean_star, _ = _tilted_gaussian(m_ref, s_ref, b, beta)
+    g = torch.Generator().manual_seed(seed + 1)
+    mu, log_s = torch.randn(2, generator=g, dtype=D), 0.3 * torch.randn(2, generator=g, dtype=D)
+    log_p_theta = _normal_log_prob(x, mu[gid], log_s[gid])
+    loss = crd_loss(implicit_reward(log_p_theta, _normal_log_prob(x, m_ref[gid], torch.log(s_ref[gid])), beta),
+                    b[gid] * x, gid)
+    f = beta * (log_p_theta - _normal_log_prob(x, mean_star[gid], torch.log(s_ref[gid])))
+    for c in range(2):
+        sel = gid == c
+        torch.testing.assert_close(loss[sel].mean(), 0.5 * f[sel].var(unbiased=False), atol=1e-10, rtol=1e-10)
+
+
 def test_gradient_equals_analytic_gaussian():
     # student N(mu, s^2) per context, p_ref N(m_ref, s_ref^2), r = b x, samples from p_ref:
     # d r_hat / d mu = beta (x - mu) / s^2, d r_hat / d log s = beta ((x - mu)^2 / s^2 - 1);

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from opd_ref.distribution_matching import distribution_matching_surrogate
+from opd_ref.distribution_matching import distribution_matching_surrogate, dmd_normalized_weight
 
 D = torch.float64
 
@@ -116,3 +116,36 @@ def test_bad_input():
         distribution_matching_surrogate(x, x, x, weight=-1.0)
     with pytest.raises(ValueError, match="weight"):
         distribution_matching_surrogate(x, x, x, weight=torch.ones(4, dtype=D))
+
+
+def test_dmd_normalized_weight_reproduces_dmd2_update():
+    # DMD2 moves the clean output along (x0_fake - x0_real) / mean|x - x0_real|; with Gaussian
+    # denoisers from explicit Gaussian conditioning (independent of the score formula) the surrogate
+    # on the clean x with dmd_normalized_weight has exactly that gradient.
+    mu, A, m, S = _problem(7)
+    g = torch.Generator().manual_seed(8)
+    z, eps = torch.randn(5, 2, generator=g, dtype=D), torch.randn(5, 2, generator=g, dtype=D)
+    sigma = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=D)
+    x = (mu + z @ A.T).detach().requires_grad_(True)
+    x_sigma = (1 - sigma[:, None]) * x.detach() + sigma[:, None] * eps
+
+    def denoise(mean, cov):  # E[x0 | x_sigma] for x0 ~ N(mean, cov), per sample
+        out = []
+        for i, s in enumerate(sigma):
+            C = (1 - s) ** 2 * cov + s**2 * torch.eye(2, dtype=D)
+            out.append(mean + (1 - s) * cov @ torch.linalg.solve(C, x_sigma[i] - (1 - s) * mean))
+        return torch.stack(out)
+
+    def scores(mean, cov):
+        return torch.stack([_score(x_sigma[i:i + 1], *_noised(mean, cov, float(s)))[0] for i, s in enumerate(sigma)])
+
+    with torch.no_grad():
+        cov_f = A @ A.T
+        x0_f, x0_r = denoise(mu, cov_f), denoise(m, S)
+        s_f, s_r = scores(mu, cov_f), scores(m, S)
+    w = dmd_normalized_weight(x, x0_r, sigma)
+    (grad,) = torch.autograd.grad(distribution_matching_surrogate(x, s_f, s_r, w).sum(), x)
+    want = (x0_f - x0_r) / (x.detach() - x0_r).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(grad, want, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"sigma must lie in \(0, 1\)"):
+        dmd_normalized_weight(x, x0_r, 1.0)

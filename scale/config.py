@@ -81,7 +81,7 @@ class ScaleConfig:
     tasks: List[str] = field(default_factory=list)  # task names (one teacher LoRA per task)
     prompt_files: List[str] = field(default_factory=list)  # per task: text file, one prompt per line
     teacher_loras: List[str] = field(default_factory=list)  # per task: diffusers LoRA file/dir ("" = stage 1)
-    heldout_prompt_file: str = ""  # prompts for the held-out student-teacher KL metric ("" = off)
+    heldout_prompt_files: List[str] = field(default_factory=list)  # held-out KL prompts: one file per task, or one for all ([] = off)
     crd_beta: float = 1.0  # CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)
 
     # ---- durability and logging -------------------------------------------------------------
@@ -133,6 +133,10 @@ class ScaleConfig:
         if len(set(self.train_steps)) != len(self.train_steps):
             raise ValueError(f"config train_steps has duplicates: {self.train_steps}")
         n = len(self.tasks)
+        if len(self.heldout_prompt_files) not in (0, 1, n):
+            raise ValueError(
+                f"config heldout_prompt_files needs one file per task ({n}) or one for all, got {self.heldout_prompt_files}"
+            )
         for key in ("prompt_files", "teacher_loras", "rewards"):
             val = getattr(self, key)
             if val and len(val) != n:

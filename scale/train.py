@@ -392,7 +392,12 @@ class Trainer:
 
                 task.reward = get_reward(task.reward_spec)
             self.tasks.append(task)
-        self.heldout_prompts = read_prompts(cfg.heldout_prompt_file, "held-out evaluation") if cfg.heldout_prompt_file else []
+        files = cfg.heldout_prompt_files
+        if len(files) == 1:
+            files = files * len(cfg.tasks)
+        # held-out prompts per task (the KL to teacher k is measured on prompts of task k)
+        self.heldout: List[List[str]] = [read_prompts(f, f"held-out evaluation of task {t!r}") for f, t in zip(files, cfg.tasks)]
+        self.heldout_prompts = sorted({p for ps in self.heldout for p in ps})
         if resume:
             if not (self.run_dir / "config.json").is_file() or not has_checkpoint(self.run_dir / "checkpoint"):
                 raise FileNotFoundError(f"--resume: no run with a checkpoint in {str(self.run_dir)!r}")
@@ -621,7 +626,7 @@ class Trainer:
 
     @torch.no_grad()
     def heldout_divergence(self) -> Dict[str, float]:
-        """Student-teacher divergence on the held-out prompts: for each task, the sum over all
+        """Student-teacher divergence on the held-out prompts of each task: for task ``k``, the sum over all
         rollout steps of the per-step KL (stochastic kernels; by the chain rule D3 its expectation is
         the path-space KL) or matching loss (ODE), averaged over prompts. The rollout noise is fixed
         (common random numbers), so values at different updates are directly comparable."""
@@ -630,9 +635,10 @@ class Trainer:
             return {}
         out: Dict[str, float] = defaultdict(float)
         mb = cfg.micro_batch_size
-        chunks = [self.heldout_prompts[i : i + mb] for i in range(0, len(self.heldout_prompts), mb)]
         name = "heldout_kl" if cfg.kernel != "ode" else "heldout_match"
         for k, task in enumerate(self.tasks):
+            prompts = self.heldout[k]
+            chunks = [prompts[i : i + mb] for i in range(0, len(prompts), mb)]
             for c in range(self.rank, len(chunks), self.world):
                 embeds = self._embeds(chunks[c])
                 traj = self.rollout(embeds, len(chunks[c]), self.generator(1000, 0, k, c), STUDENT)
@@ -644,7 +650,7 @@ class Trainer:
                     loss = "ode" if cfg.kernel == "ode" else "opd_kl"
                     _, div = distill_step_loss(loss, cfg.kernel, x, traj.latents[t + 1], v_s, v_t, sigma, sigma_next,
                                                cfg.noise_level)
-                    out[f"{name}/{task.name}"] += float(div.sum()) / len(self.heldout_prompts)
+                    out[f"{name}/{task.name}"] += float(div.sum()) / len(prompts)
         out = self._reduce_stats(out)
         out[f"{name}/mean"] = sum(out.values()) / len(self.tasks)
         return out

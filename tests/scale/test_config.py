@@ -72,6 +72,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, where):
         ("train_steps=[0, 10]", "train_steps"),
         ("train_steps=[1, 1]", "duplicates"),
         ("gradient_checkpointing=maybe", "gradient_checkpointing"),
+        ("heldout_prompt_files=a,b", "heldout_prompt_files"),
         ("nonsense", "key=value"),
     ],
 )

@@ -30,7 +30,7 @@ def _sigterm_at(step):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(workspace, tmp_path):
-    over = dict(distill_steps=3, checkpoint_every=1, heldout_prompt_file=workspace["heldout"])
+    over = dict(distill_steps=3, checkpoint_every=1, heldout_prompt_files=[workspace["heldout"]])
     full = tmp_path / "full"
     Trainer(tiny_config(workspace, full, **over)).run()
 

@@ -63,7 +63,7 @@ def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces
     from diffusers import StableDiffusion3Pipeline
 
     run = tmp_path / "run"
-    cfg = tiny_config(workspace, run, heldout_prompt_file=workspace["heldout"], distill_steps=3, sample_every=2)
+    cfg = tiny_config(workspace, run, heldout_prompt_files=[workspace["heldout"]], distill_steps=3, sample_every=2)
     trainer = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     result = trainer.run()

@@ -136,7 +136,8 @@ class LinearGaussianChain:
     Args:
         A: ``(N, d, d)``.
         b: ``(N, d)``.
-        std: ``(N,)`` strictly positive step stds.
+        std: ``(N,)`` step stds ``>= 0`` (a 0 is a deterministic step: marginals are fine, the
+            path KL then needs both chains to agree on that step, else the joint covariance is singular).
 
     Reference: ``diffusionopd`` (SDE kernels of single-Gaussian flows are affine in :math:`x`).
     """
@@ -154,8 +155,8 @@ class LinearGaussianChain:
             raise ValueError(
                 f"need A (N, d, d), b (N, d), std (N,); got {tuple(A.shape)}, {tuple(b.shape)}, {tuple(s.shape)}"
             )
-        if not bool((s > 0).all()):
-            raise ValueError(f"std must be > 0 at every step, got min {float(s.min()):.3g}")
+        if not bool((s >= 0).all()):
+            raise ValueError(f"std must be >= 0 at every step, got min {float(s.min()):.3g}")
 
     @property
     def n_steps(self) -> int:

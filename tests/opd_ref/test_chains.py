@@ -144,8 +144,8 @@ def test_bad_input_raises() -> None:
         per_step_kls(m, torch.zeros(3, 4, dtype=F64), m, torch.ones(3, 4, dtype=F64))
     with pytest.raises(ValueError, match=r"\(N, B\)"):
         sequence_log_ratio(torch.zeros(3, 4, dtype=F64), torch.zeros(3, 5, dtype=F64))
-    with pytest.raises(ValueError, match="std must be > 0"):
-        LinearGaussianChain(torch.zeros(2, 2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64), torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        LinearGaussianChain(torch.zeros(2, 2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64), -torch.ones(2, dtype=F64))
     with pytest.raises(ValueError, match="need A"):
         LinearGaussianChain(torch.zeros(2, 2, 2, dtype=F64), torch.zeros(3, 2, dtype=F64), torch.ones(2, dtype=F64))
     ch = LinearGaussianChain(torch.zeros(2, 2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64), torch.ones(2, dtype=F64))

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 
+import sys  # noqa: E402
+
 os.environ["HF_HUB_OFFLINE"] = "1"
+if "huggingface_hub.constants" in sys.modules:  # imported earlier in this session: flip it too
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

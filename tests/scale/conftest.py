@@ -7,8 +7,7 @@ so nothing in these tests can reach the network.
 from __future__ import annotations
 
 import os
-
-import sys  # noqa: E402
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 if "huggingface_hub.constants" in sys.modules:  # imported earlier in this session: flip it too

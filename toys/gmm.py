@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from opd_ref.chains import gaussian_kl_full
+from opd_ref.gopd import gopd_target_gaussian
 from toys.rewards import QuadraticFormReward, as_quadratic_form, sum_rewards
 
 __all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt"]
@@ -452,10 +453,12 @@ def geometric_tilt(
     the reward tilt :math:`p_T = p_{ref} e^{r/\beta}/Z` — is ``ref.tilt(reward, beta / lam)`` (the
     target is :math:`p_{ref} e^{\lambda r/\beta}/Z'`), which is exact for any GMM.
 
+    Computed by :func:`opd_ref.gopd.gopd_target_gaussian` (this wraps it for mixtures).
+
     Args:
         ref: one-component mixture :math:`p_{ref}`.
         teacher: one-component mixture :math:`p_T`.
-        lam: reward scale :math:`\lambda` (any real; 1 gives the teacher, 0 the reference).
+        lam: reward scale :math:`\lambda \ge 0` (1 gives the teacher, 0 the reference).
 
     Returns:
         ``(target, log_Z)``.
@@ -472,35 +475,12 @@ def geometric_tilt(
             )
     if ref.dim != teacher.dim:
         raise ValueError(f"ref and teacher have dimensions {ref.dim} and {teacher.dim}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"lam must be a finite float, got {lam!r}")
     dt = ref.dtype
-    Pr = torch.linalg.inv(ref.covs[0])
-    Pt = torch.linalg.inv(teacher.covs[0].to(dt))
-    mr, mt = ref.means[0], teacher.means[0].to(dt)
-    Lam = (1.0 - lam) * Pr + lam * Pt
-    Lam = 0.5 * (Lam + Lam.T)
-    L, info = torch.linalg.cholesky_ex(Lam)
-    if int(info) != 0:
-        raise ValueError(
-            f"p_ref^(1-lam) p_T^lam is not normalisable for lam={lam}: the combined precision "
-            "(1-lam) P_ref + lam P_T is not positive definite"
-        )
-    eta = (1.0 - lam) * Pr @ mr + lam * Pt @ mt
-    S = torch.cholesky_inverse(L)
-    S = 0.5 * (S + S.T)
-    m = S @ eta
-    # log Z = log ∫ exp(-1/2 x^T Lam x + eta^T x + c0), with c0 collecting both normalisers
-    d = ref.dim
-    logdet_r = torch.logdet(ref.covs[0])
-    logdet_t = torch.logdet(teacher.covs[0].to(dt))
-    c0 = (
-        -0.5 * (1.0 - lam) * (mr @ Pr @ mr + logdet_r + d * _LOG_2PI)
-        - 0.5 * lam * (mt @ Pt @ mt + logdet_t + d * _LOG_2PI)
+    mean, cov, log_z = gopd_target_gaussian(
+        teacher.means[0].to(dt), teacher.covs[0].to(dt), ref.means[0], ref.covs[0], lam
     )
-    log_Z = c0 + 0.5 * (eta @ m) + 0.5 * d * _LOG_2PI - torch.log(torch.diagonal(L)).sum()
-    target = GaussianMixture(torch.ones(1, dtype=dt), m[None], S[None], validate=False)
-    return target, log_Z
+    cov = 0.5 * (cov + cov.T)
+    return GaussianMixture(torch.ones(1, dtype=dt), mean[None], cov[None], validate=False), log_z
 
 
 def _matvec(M: Tensor, v: Tensor) -> Tensor:

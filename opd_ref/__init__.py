@@ -6,6 +6,14 @@ sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims.
 """
 
 from opd_ref.bregman import bregman_divergence, bregman_generator_surrogate, bregman_gradient_weight
+from opd_ref.chains import (
+    LinearGaussianChain,
+    gaussian_kl_full,
+    linear_gaussian_path_kl,
+    path_kl,
+    per_step_kls,
+    sequence_log_ratio,
+)
 from opd_ref.crd import center_in_groups, crd_loss, implicit_reward, uncentered_reward_loss
 from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.divergences import (
@@ -16,6 +24,7 @@ from opd_ref.divergences import (
     gaussian_log_prob_dim_mean,
     same_cov_kl,
 )
+from opd_ref.elbo import elbo_log_ratio, ode_log_likelihood, weighted_denoising_loss
 from opd_ref.gopd import gopd_sample_loss, gopd_step_loss, gopd_target_gaussian
 from opd_ref.kernels import (
     GaussianStep,
@@ -34,6 +43,12 @@ from opd_ref.losses import (
     opd_kl_loss,
     ppo_surrogate_loss,
     sde_kl_rescaled,
+)
+from opd_ref.tilting import (
+    importance_weighted_reward,
+    self_normalised_weights,
+    tilted_kl_decomposition,
+    tilted_log_ratio,
 )
 
 __version__ = "0.1.0"
@@ -70,4 +85,17 @@ __all__ = [
     "gopd_sample_loss",
     "gopd_step_loss",
     "gopd_target_gaussian",
+    "per_step_kls",
+    "path_kl",
+    "sequence_log_ratio",
+    "LinearGaussianChain",
+    "gaussian_kl_full",
+    "linear_gaussian_path_kl",
+    "tilted_log_ratio",
+    "tilted_kl_decomposition",
+    "importance_weighted_reward",
+    "self_normalised_weights",
+    "ode_log_likelihood",
+    "weighted_denoising_loss",
+    "elbo_log_ratio",
 ]

@@ -84,6 +84,7 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         are in ``eval()`` mode.
 
     Raises:
+        TypeError: ``model`` is not a string or path.
         FileNotFoundError: ``model`` looks like a path and does not exist, or a hub id that is not
             available locally.
         ValueError: the directory is not a diffusers pipeline, or not an SD3 one; ``dtype`` is not a
@@ -108,7 +109,10 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
                 f"model {text!r} is not a diffusers pipeline directory (no model_index.json); build one "
                 "with `opd-scale build-tiny DIR` or point to an SD3.5 snapshot"
             )
-        cls = json.loads(index.read_text()).get("_class_name")
+        try:
+            cls = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"model {text!r}: model_index.json is not a valid pipeline index ({err})") from err
         if cls != "StableDiffusion3Pipeline":
             raise ValueError(
                 f"model {text!r} holds a {cls!r} pipeline, expected 'StableDiffusion3Pipeline' (SD3 / SD3.5)"

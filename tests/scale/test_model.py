@@ -57,6 +57,11 @@ def test_load_pipeline_bad_input(tmp_path, tiny_model_dir):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="FluxPipeline"):
         load_pipeline(other)
+    (other / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid pipeline index"):
+        load_pipeline(other)
+    with pytest.raises(TypeError, match="model"):
+        load_pipeline(3)
     # a hub id that is not in the local cache, under HF_HUB_OFFLINE=1
     with pytest.raises(FileNotFoundError, match="opd-ref-test/no-such-model"):
         load_pipeline("opd-ref-test/no-such-model")

@@ -77,9 +77,21 @@ class GaussianMixture:
     # ------------------------------------------------------------------ basics
     @classmethod
     def from_params(cls, logits: Tensor, means: Tensor, scale_tril: Tensor) -> "GaussianMixture":
-        r"""Build from unconstrained parameters: :math:`w = \mathrm{softmax}(\text{logits})`,
-        :math:`S_k = L_k L_k^\top` (``scale_tril`` ``(K, d, d)``, lower triangular with non-zero
-        diagonal).  Convenient for a parametric-GMM student; gradients flow to all three."""
+        r"""Build from unconstrained parameters (convenient for a parametric-GMM student).
+
+        .. math::
+            w = \mathrm{softmax}(\text{logits}),\qquad S_k = L_k L_k^\top
+
+        Args:
+            logits: ``(K,)``.
+            means: ``(K, d)``.
+            scale_tril: ``(K, d, d)``; its lower triangle is used (non-zero diagonal).
+
+        Returns:
+            :class:`GaussianMixture`; gradients flow to all three arguments.
+
+        Reference: ``diffusionopd`` (parametric students).
+        """
         if not isinstance(logits, Tensor) or logits.dim() != 1:
             raise ValueError(f"logits must be a (K,) tensor, got {getattr(logits, 'shape', type(logits))}")
         if not isinstance(scale_tril, Tensor) or scale_tril.dim() != 3:
@@ -91,7 +103,15 @@ class GaussianMixture:
 
     @classmethod
     def gaussian(cls, mean: Tensor, cov: Tensor) -> "GaussianMixture":
-        """A single Gaussian ``N(mean (d,), cov (d, d))`` as a one-component mixture."""
+        r"""A single Gaussian :math:`\mathcal N(m, S)` as a one-component mixture.
+
+        Args:
+            mean: ``(d,)``.
+            cov: ``(d, d)`` symmetric positive definite.
+
+        Returns:
+            :class:`GaussianMixture` with ``K = 1``.
+        """
         if not isinstance(mean, Tensor) or not isinstance(cov, Tensor):
             raise TypeError("mean and cov must be tensors")
         return cls(torch.ones(1, dtype=mean.dtype), mean[None], cov[None])
@@ -154,7 +174,14 @@ class GaussianMixture:
         return x
 
     def component_log_prob(self, x: Tensor) -> Tensor:
-        r"""``(B, K)`` component log-densities :math:`\log\mathcal N(x; m_k, S_k)`."""
+        r"""Component log-densities :math:`\log\mathcal N(x; m_k, S_k)`.
+
+        Args:
+            x: ``(B, d)``.
+
+        Returns:
+            ``(B, K)``.
+        """
         x = self._check_x(x)
         S_inv, logdet = _inv_logdet(self.covs)  # (K, d, d), (K,)
         diff = x[:, None, :] - self.means[None]  # (B, K, d)
@@ -283,10 +310,15 @@ class GaussianMixture:
         return eps_hat - x0_hat
 
     def score(self, x: Tensor, sigma: SigmaLike) -> Tensor:
-        r"""Score :math:`\nabla_x\log p_\sigma(x) = -\sum_k\gamma_k C_k^{-1}(x-\mu_k)`, ``(B, d)``.
+        r"""Score of the marginal, :math:`\nabla_x\log p_\sigma(x) = -\sum_k\gamma_k C_k^{-1}(x-\mu_k)
+        = -\mathbb E[\varepsilon|x]/\sigma`.
 
-        Computed as :math:`-\mathbb E[\varepsilon|x]/\sigma` for ``sigma > 0`` and directly at
-        ``sigma = 0``.
+        Args:
+            x: ``(B, d)``.
+            sigma: float or ``(B,)`` in ``[0, 1]`` (at 0 the data score, by autograd of ``log_prob``).
+
+        Returns:
+            ``(B, d)``.
         """
         x = self._check_x(x)
         s = self._batch_sigma(sigma, x.shape[0])
@@ -300,11 +332,27 @@ class GaussianMixture:
         return g
 
     def denoise(self, x: Tensor, sigma: SigmaLike) -> Tensor:
-        r"""Posterior mean of the data :math:`\mathbb E[x_0|x_\sigma = x]`, ``(B, d)``."""
+        r"""Denoiser :math:`\mathbb E[x_0|x_\sigma = x] = \sum_k\gamma_k\big(m_k + (1-\sigma)S_k u_k\big) = x - \sigma v`.
+
+        Args:
+            x: ``(B, d)``.
+            sigma: float or ``(B,)`` in ``[0, 1]``.
+
+        Returns:
+            ``(B, d)``.
+        """
         return self.posterior(x, sigma)[2]
 
     def marginal_log_prob(self, x: Tensor, sigma: SigmaLike) -> Tensor:
-        r""":math:`\log p_\sigma(x)` with per-sample ``sigma`` (float or ``(B,)``), ``(B,)``."""
+        r"""Marginal log-density :math:`\log p_\sigma(x)` with a per-sample ``sigma``.
+
+        Args:
+            x: ``(B, d)``.
+            sigma: float or ``(B,)`` in ``[0, 1]``.
+
+        Returns:
+            ``(B,)``.
+        """
         return self.posterior(x, sigma)[0]
 
     # ------------------------------------------------------------------ tilting (D7, D12)
@@ -376,6 +424,14 @@ class GaussianMixture:
 
         .. math::
             p^* \propto p\,\exp\Big(\sum_j \lambda_j r_j/\beta\Big)
+
+        Args:
+            rewards: sequence of concave quadratic rewards.
+            beta: temperature ``> 0``.
+            weights: non-negative :math:`\lambda_j` (default all 1).
+
+        Returns:
+            ``(tilted, log_Z)`` as :meth:`tilt`.
 
         Reference: ``diffusionopd`` (multi-reward targets), ``rtdmd``.
         """

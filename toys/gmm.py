@@ -478,16 +478,9 @@ def gaussian_kl(p: GaussianMixture, q: GaussianMixture) -> Tensor:
 
     Reference: ``dmd`` / ``diffusionopd`` (Gaussian KLs).
     """
-    for name, g in (("p", p), ("q", q)):
-        if not isinstance(g, GaussianMixture):
-            raise TypeError(f"{name} must be a GaussianMixture, got {type(g).__name__}")
-        if g.n_components != 1:
-            raise ValueError(
-                f"{name} has {g.n_components} components: the KL between mixtures has no closed form "
-                "(use kl_monte_carlo or exact log-densities)"
-            )
-    if p.dim != q.dim:
-        raise ValueError(f"p and q have dimensions {p.dim} and {q.dim}")
+    _single_gaussians(
+        ("p", p), ("q", q), why="the KL between mixtures has no closed form (use kl_monte_carlo or exact log-densities)"
+    )
     return gaussian_kl_full(p.means[0], p.covs[0], q.means[0].to(p.dtype), q.covs[0].to(p.dtype))
 
 
@@ -521,22 +514,30 @@ def geometric_tilt(
 
     Reference: ``gopd`` (reward extrapolation), D12.
     """
-    for name, g in (("ref", ref), ("teacher", teacher)):
-        if not isinstance(g, GaussianMixture):
-            raise TypeError(f"{name} must be a GaussianMixture, got {type(g).__name__}")
-        if g.n_components != 1:
-            raise ValueError(
-                f"{name} has {g.n_components} components: p_ref^(1-lam) p_T^lam is a GMM in closed form "
-                "only for single Gaussians; for a reward-tilted teacher use ref.tilt(reward, beta / lam)"
-            )
-    if ref.dim != teacher.dim:
-        raise ValueError(f"ref and teacher have dimensions {ref.dim} and {teacher.dim}")
+    _single_gaussians(
+        ("ref", ref),
+        ("teacher", teacher),
+        why="p_ref^(1-lam) p_T^lam is a GMM in closed form only for single Gaussians; for a reward-tilted "
+        "teacher use ref.tilt(reward, beta / lam)",
+    )
     dt = ref.dtype
     mean, cov, log_z = gopd_target_gaussian(
         teacher.means[0].to(dt), teacher.covs[0].to(dt), ref.means[0], ref.covs[0], lam
     )
     cov = 0.5 * (cov + cov.T)
     return GaussianMixture(torch.ones(1, dtype=dt), mean[None], cov[None], validate=False), log_z
+
+
+def _single_gaussians(first: Tuple[str, object], second: Tuple[str, object], *, why: str) -> None:
+    """Require two one-component mixtures of equal dimension (``why`` explains a rejected mixture)."""
+    for name, g in (first, second):
+        if not isinstance(g, GaussianMixture):
+            raise TypeError(f"{name} must be a GaussianMixture, got {type(g).__name__}")
+        if g.n_components != 1:
+            raise ValueError(f"{name} has {g.n_components} components: {why}")
+    (n1, g1), (n2, g2) = first, second
+    if g1.dim != g2.dim:  # type: ignore[union-attr]
+        raise ValueError(f"{n1} and {n2} have dimensions {g1.dim} and {g2.dim}")  # type: ignore[union-attr]
 
 
 def _matvec(M: Tensor, v: Tensor) -> Tensor:

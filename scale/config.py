@@ -132,6 +132,15 @@ class ScaleConfig:
                 raise ValueError(f"config train_steps entries must lie in [0, num_steps={self.num_steps}), got {idx}")
         if len(set(self.train_steps)) != len(self.train_steps):
             raise ValueError(f"config train_steps has duplicates: {self.train_steps}")
+        if self.kernel == "cps" and self.num_steps < 2:
+            raise ValueError(f"config num_steps must be >= 2 for kernel 'cps' (its last step is deterministic), got {self.num_steps}")
+        if self.kernel == "cps" and (self.num_steps - 1) in self.train_steps:
+            # CPS's std is sigma_next sin(a pi / 2): 0 on the last step (sigma_next = 0), which is
+            # deterministic and has neither a log-prob nor a closed-form KL.
+            raise ValueError(
+                f"config train_steps contains the last step {self.num_steps - 1}, which is deterministic "
+                "under the cps kernel (sigma_next = 0 gives std 0); drop it or use kernel 'sde'"
+            )
         n = len(self.tasks)
         if len(self.heldout_prompt_files) not in (0, 1, n):
             raise ValueError(
@@ -146,8 +155,12 @@ class ScaleConfig:
         return self
 
     def trained_step_indices(self) -> List[int]:
-        """The rollout step indices that are trained, sorted (all steps when ``train_steps`` is empty)."""
-        return sorted(self.train_steps) if self.train_steps else list(range(self.num_steps))
+        """The rollout step indices that are trained, sorted. When ``train_steps`` is empty: all
+        steps, except the last one under the cps kernel (it is deterministic: std 0 at sigma_next = 0)."""
+        if self.train_steps:
+            return sorted(self.train_steps)
+        last = self.num_steps - 1 if self.kernel == "cps" else self.num_steps
+        return list(range(last))
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of every field."""

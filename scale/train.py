@@ -627,8 +627,8 @@ class Trainer:
     @torch.no_grad()
     def heldout_divergence(self) -> Dict[str, float]:
         """Student-teacher divergence on the held-out prompts of each task: for task ``k``, the sum over all
-        rollout steps of the per-step KL (stochastic kernels; by the chain rule D3 its expectation is
-        the path-space KL) or matching loss (ODE), averaged over prompts. The rollout noise is fixed
+        stochastic rollout steps of the per-step KL (stochastic kernels; by the chain rule D3 its
+        expectation is the path-space KL; CPS's deterministic last step is left out) or matching loss (ODE), averaged over prompts. The rollout noise is fixed
         (common random numbers), so values at different updates are directly comparable."""
         cfg = self.cfg
         if not self.heldout_prompts or cfg.loss == "crd":
@@ -642,7 +642,8 @@ class Trainer:
             for c in range(self.rank, len(chunks), self.world):
                 embeds = self._embeds(chunks[c])
                 traj = self.rollout(embeds, len(chunks[c]), self.generator(1000, 0, k, c), STUDENT)
-                for t in range(cfg.num_steps):
+                # CPS's last step is deterministic (std 0 at sigma_next = 0): no KL there
+                for t in range(cfg.num_steps - 1 if cfg.kernel == "cps" else cfg.num_steps):
                     x = traj.latents[t].float()
                     sigma, sigma_next = self._sig(t, x.shape[0])
                     v_s = self.velocity(x, sigma, embeds, STUDENT)

@@ -101,3 +101,14 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_config(broken)
     assert parse_value("lora_targets", "attn.to_q") == ["attn.to_q"]
+
+
+def test_cps_last_step_is_not_trained():
+    """CPS's std is sigma_next sin(a pi/2): 0 on the last step, which then has no KL or log-prob."""
+    cfg = ScaleConfig(kernel="cps", noise_level=0.5, num_steps=4).validate()
+    assert cfg.trained_step_indices() == [0, 1, 2]
+    assert ScaleConfig(kernel="sde", num_steps=4).validate().trained_step_indices() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="deterministic"):
+        ScaleConfig(kernel="cps", noise_level=0.5, num_steps=4, train_steps=[1, 3]).validate()
+    with pytest.raises(ValueError, match="num_steps"):
+        ScaleConfig(kernel="cps", noise_level=0.5, num_steps=1).validate()

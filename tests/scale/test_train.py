@@ -4,6 +4,8 @@ the held-out student-teacher KL, only the student LoRA changes, the saved LoRA r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -195,3 +197,18 @@ def test_existing_run_dir_is_not_overwritten(workspace, tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         Trainer(tiny_config(workspace, run))
     assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_cps_stage2_trains_the_stochastic_steps_only(workspace, tmp_path):
+    """Under CPS the last step is deterministic (std 0): the default run trains the others and the
+    logged KL is finite."""
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, kernel="cps", noise_level=0.5, distill_steps=1,
+                      heldout_prompt_files=[workspace["heldout"]])
+    assert cfg.trained_step_indices() == [0, 1]
+    result = Trainer(cfg).run()
+    assert result.status == "finished"
+    records = read_metrics(run)
+    values = [v for r in records for k, v in r.items() if k.startswith(("div/", "heldout_kl/"))]
+    assert len(values) >= 2 + 3 * 2  # per-task divergences of the update, held-out KL before and after
+    assert all(math.isfinite(v) and v >= 0 for v in values)

@@ -106,7 +106,8 @@ def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> s
               "|---|---|---|---|---|"]
     for name, r in results.items():
         for c in r["checks"]:
-            lines.append(f"| {name} | {c['name']} | {_fmt(float(c['value']))} | {c['threshold']} | "
+            cname = str(c["name"]).replace("|", "\\|")
+            lines.append(f"| {name} | {cname} | {_fmt(float(c['value']))} | {c['threshold']} | "
                          f"{'PASS' if c['passed'] else 'FAIL'} |")
     lines += ["", "## Results", ""]
     for name, r in results.items():

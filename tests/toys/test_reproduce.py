@@ -38,7 +38,7 @@ def test_reduced_reproduce_end_to_end(tiny, tmp_path):
     for f in expected:
         assert (tmp_path / "figures" / f).stat().st_size > 10_000, f
     report = (tmp_path / "report.md").read_text()
-    assert "## Derivation checks" in report and "| variance | D6: MC gradient variance = analytic" in report
+    assert "## Derivation checks" in report and "| variance | D6: MC gradient variance = analytic (ppo, k1, vopd; max \\|z\\| over a)" in report
     checks = {c["name"]: c for c in results["variance"]["checks"]}
     # measured (Monte-Carlo) variances match the analytic ones: |z| <= 5 (seeded; ~5.7e-7 per comparison)
     d6 = checks["D6: MC gradient variance = analytic (ppo, k1, vopd; max |z| over a)"]

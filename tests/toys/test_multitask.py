@@ -7,15 +7,9 @@ from toys.experiments import default_setting
 from toys.students import GMMStudent, ResidualMLPStudent
 from toys.train import Trainer, TrainConfig, task_schedule
 
+from tests.toys.test_train import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
+
 SETTING = default_setting()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("method", ["opd_kl", "opd_ode", "vopd", "grpo"])

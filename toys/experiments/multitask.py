@@ -12,7 +12,8 @@ One task-conditioned student (a) (exact :math:`v_{ref}` + zero-initialised resid
 * ``cascade``: Flow-GRPO task after task (stage ``k`` trains task ``k`` only), same total rollouts.
 
 Per-task reverse KL of the student's 24-step Euler sampler to :math:`p^*_k`, with exact densities
-(:func:`toys.metrics.sampler_kl`); forgetting = KL at the end minus KL at the end of the task's
+(:func:`toys.metrics.sampler_kl`), cross-checked against the continuous-time ODE likelihood of
+``opd_ref.elbo`` (:func:`toys.metrics.ode_likelihood_gap`); forgetting = KL at the end minus KL at the end of the task's
 own stage.  Reference: ``diffusionopd``, ``flowgrpo``.
 """
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from toys.experiments import TASK_NAMES, default_setting
 from toys.figures import COLORS, LABELS, plot_density, plt, save
-from toys.metrics import forgetting, mass_error, sampler_kl
+from toys.metrics import forgetting, mass_error, ode_likelihood_gap, sampler_kl
 from toys.students import ResidualMLPStudent
 from toys.samplers import ode_rollout, sigma_grid
 from toys.train import Trainer, TrainConfig, task_schedule
@@ -210,6 +211,11 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
                "value": sampler_kl(setting.p_ref.velocity, setting.p_ref.log_prob, n=kw["n_eval"],
                                    n_steps=EVAL_STEPS, seed=0)[0], "threshold": "<= 0.05", "passed": True}]
     checks[-1]["passed"] = bool(checks[-1]["value"] <= 0.05)
+    st0 = logs["opd"][0]["student"]
+    gap, gap_se = ode_likelihood_gap(lambda z, s: st0.velocity(z, s, 0), n=200, n_steps=EVAL_STEPS)
+    checks.append({"name": "student (a) KL metric: Euler-sampler density - opd_ref.elbo ODE likelihood at the "
+                           f"sampler's outputs, mean gap (nats, se {gap_se:.3f})",
+                   "value": gap, "threshold": "|gap| <= 0.1", "passed": bool(abs(gap) <= 0.1)})
     tables = {f"Multi-task final per-task KL ({n_updates} updates x {K} tasks, mean ± std over seeds {seeds})":
               "\n".join(trows), "Cascade forgetting": "\n".join(frow)}
     return {"checks": checks, "figures": figures, "tables": tables, "metrics": metrics}

@@ -107,7 +107,8 @@ def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> s
     for name, r in results.items():
         for c in r["checks"]:
             cname = str(c["name"]).replace("|", "\\|")
-            lines.append(f"| {name} | {cname} | {_fmt(float(c['value']))} | {c['threshold']} | "
+            thr = str(c["threshold"]).replace("|", "\\|")
+            lines.append(f"| {name} | {cname} | {_fmt(float(c['value']))} | {thr} | "
                          f"{'PASS' if c['passed'] else 'FAIL'} |")
     lines += ["", "## Results", ""]
     for name, r in results.items():

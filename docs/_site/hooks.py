@@ -5,6 +5,8 @@ code (```opd_ref.kernels.sde_step```) becomes a link to its entry in the API ref
 not resolve to a documented object stay plain code, so the build never breaks on them; the docs test
 checks separately that they resolve).
 
+**Figures page.** ``figures/index.md`` gets one section per PNG in ``docs/figures/``.
+
 **Figure.**
 Derivation pages (and any other page) name the PNG that ``opd-toys reproduce`` writes, by filename,
 in a ``## Figure`` section.  The site keeps copies of those PNGs in ``docs/figures/`` (refresh them
@@ -82,7 +84,17 @@ def _link_code_names(markdown: str, files) -> str:
     return markdown[: match.start(1)] + section + markdown[match.end(1) :]
 
 
+def _gallery(markdown: str, config) -> str:
+    """The figures page lists every PNG in docs/figures/ (whatever the last reproduce run drew)."""
+    pngs = sorted((Path(config["docs_dir"]) / "figures").glob("*.png"))
+    if not pngs:
+        return markdown + "\n*No figures in `docs/figures/` yet.*\n"
+    return markdown + "\n" + "\n".join(f"## {p.stem}\n\n![{p.name}]({p.name})\n" for p in pngs)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if page.file.src_uri == "figures/index.md":
+        return _gallery(markdown, config)
     if not page.file.src_uri.startswith("api/"):
         markdown = _link_code_names(markdown, files)
     return _add_figures(markdown, page, config)

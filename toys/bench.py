@@ -17,6 +17,7 @@ meaningful seconds (forward-pass ratios do not depend on the load).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
 import resource
@@ -208,5 +209,6 @@ def _report(setting, seeds, mt_seeds, a_values, batches, single, mem, mt, max_up
         L.append(f"| {LABELS[m]} | {reached}/{len(rows)} | {_ratio_cell(rows, mt['opd'], 'forward_passes')} | "
                  f"{_ratio_cell(rows, mt['opd'], 'seconds')} | {', '.join(f'{v:.2f}' for v in kl)} |")
     L += ["", f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed:.0f} s total, torch "
-          f"{torch.__version__}, {platform.machine()}, 1 thread, shared 2-core machine.", ""]
+          f"{torch.__version__}, {platform.machine()}, 1 torch thread, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end.", ""]
     return "\n".join(L)

@@ -108,8 +108,12 @@ def task_schedule(kind: str, n_tasks: int, n_updates: int) -> List[List[int]]:
     ``cascade``: ``K`` stages of ``n_updates`` single-task updates, task ``k`` in stage ``k`` (the same
     number of rollouts as ``round_robin``).
 
+    .. math:: \text{round robin: } (0, \dots, K-1)^{n},\qquad \text{cascade: } 0^{n}\,1^{n}\cdots(K-1)^{n}
+
     Returns:
         list of per-update task lists.
+
+    Reference: ``diffusionopd`` (round-robin multi-task OPD, cascade RL baseline).
     """
     if kind not in SCHEDULES:
         raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
@@ -286,5 +290,6 @@ class Trainer:
         return losses
 
     def counters(self) -> dict:
+        """``forward_passes``, ``teacher_passes``, ``seconds`` and ``updates`` so far (plain dict)."""
         return {"forward_passes": self.forward_passes, "teacher_passes": self.teacher_passes,
                 "seconds": self.seconds, "updates": self.updates}

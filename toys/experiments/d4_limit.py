@@ -39,6 +39,11 @@ def _grad(loss: torch.Tensor, params) -> torch.Tensor:
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
+    """Run the experiment (contract of :mod:`toys.reproduce`): write its PNGs into ``out_dir`` and return
+    ``{"checks", "figures", "tables", "metrics"}``; ``quick`` selects :data:`QUICK` sizes, else :data:`FULL`.
+
+    Reference: ``diffusionopd``.
+    """
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     teacher = setting.targets[0]

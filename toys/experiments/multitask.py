@@ -111,6 +111,11 @@ def train_multitask(method: str, setting, seed: int, *, n_updates: int, n_evals:
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
+    """Run the experiment (contract of :mod:`toys.reproduce`): write its PNGs into ``out_dir`` and return
+    ``{"checks", "figures", "tables", "metrics"}``; ``quick`` selects :data:`QUICK` sizes, else :data:`FULL`.
+
+    Reference: ``diffusionopd``.
+    """
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     K = setting.n_tasks

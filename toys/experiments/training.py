@@ -69,6 +69,11 @@ def train_one(method: str, setting, task: int, seed: int, *, n_updates: int, eva
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
+    """Run the experiment (contract of :mod:`toys.reproduce`): write its PNGs into ``out_dir`` and return
+    ``{"checks", "figures", "tables", "metrics"}``; ``quick`` selects :data:`QUICK` sizes, else :data:`FULL`.
+
+    Reference: ``diffusionopd``.
+    """
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     task = 0

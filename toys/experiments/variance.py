@@ -121,6 +121,11 @@ def rollout_gradients(student, teacher, a: float, n_steps: int, n_roll: int, gen
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
+    """Run the experiment (contract of :mod:`toys.reproduce`): write its PNGs into ``out_dir`` and return
+    ``{"checks", "figures", "tables", "metrics"}``; ``quick`` selects :data:`QUICK` sizes, else :data:`FULL`.
+
+    Reference: ``diffusionopd``.
+    """
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     teacher = setting.targets[0]

@@ -102,7 +102,7 @@ class TrainConfig:
 
 
 def task_schedule(kind: str, n_tasks: int, n_updates: int) -> List[List[int]]:
-    """Tasks visited by each optimiser update.
+    r"""Tasks visited by each optimiser update.
 
     ``round_robin``: every update accumulates all tasks ``[0, ..., K-1]`` (D13), ``n_updates`` updates.
     ``cascade``: ``K`` stages of ``n_updates`` single-task updates, task ``k`` in stage ``k`` (the same

@@ -139,7 +139,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
                                 "kl": kl[k]})
     final = {m: np.array([lg["kl"][-1] for lg in logs[m]]) for m in methods}  # (seeds, K)
     # ---- summary figure: final per-task KL
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
         ax.bar(np.arange(K) + j * width, final[m].mean(0), width, yerr=final[m].std(0), capsize=3,
@@ -150,8 +150,9 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_xticklabels([f"task {k}: {TASK_NAMES[k]}" for k in range(K)], fontsize=8)
     ax.set_ylabel("final KL(student_k ‖ p*_k)  (nats)")
     ax.set_yscale("log")
-    ax.set_title(f"Multi-task student (a), equal rollout budget; mean ± std over {len(seeds)} seeds", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"Multi-task student (a), same student rollouts per method (RL-trained teachers: plus their\n"
+                 f"own training); mean ± std over {len(seeds)} seeds", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     figures = [save(fig, out_dir, "multitask_summary.png")]
     # ---- cascade forgetting curve
     fig, ax = plt.subplots(figsize=(6.5, 3.8))

@@ -155,7 +155,20 @@ def _run(out, seeds, quick, a_values, batches) -> str:
     elapsed = time.perf_counter() - t_start
     text = _report(setting, seeds, mt_seeds, a_values, batches, single, mem, mt, max_updates, mt_max, t_upd, elapsed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(_keep_reading(out, text))
+    return text
+
+
+READING_MARKER = "<!-- reading: written by hand, kept when `opd-toys bench` rewrites this file -->"
+
+
+def _keep_reading(out: pathlib.Path, text: str) -> str:
+    """``text`` followed by the hand-written reading of an existing report (everything from
+    :data:`READING_MARKER` on), so a rerun refreshes the numbers without deleting the interpretation."""
+    if out.is_file():
+        old = out.read_text()
+        if READING_MARKER in old:
+            return text.rstrip("\n") + "\n\n" + old[old.index(READING_MARKER):]
     return text
 
 

@@ -6,7 +6,7 @@ from toys import cli
 from toys.experiments import d4_limit
 
 
-def _fails(argv, capsys, *needles):
+def _assert_fails(argv, capsys, *needles):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
@@ -17,24 +17,24 @@ def _fails(argv, capsys, *needles):
 
 
 def test_unknown_experiment(capsys):
-    _fails(["run", "nonsense"], capsys, "invalid choice: 'nonsense'", "variance")
+    _assert_fails(["run", "nonsense"], capsys, "invalid choice: 'nonsense'", "variance")
 
 
 def test_bad_seeds(capsys):
-    _fails(["reproduce", "--seeds", "x"], capsys, "seeds must be non-negative integers, got 'x'")
-    _fails(["reproduce", "--seeds", "-3"], capsys, "got '-3'")
+    _assert_fails(["reproduce", "--seeds", "x"], capsys, "seeds must be non-negative integers, got 'x'")
+    _assert_fails(["reproduce", "--seeds", "-3"], capsys, "got '-3'")
 
 
 def test_missing_command_and_unknown_only(capsys):
-    _fails([], capsys, "required")
-    _fails(["reproduce", "--only", "bogus"], capsys, "invalid choice: 'bogus'")
+    _assert_fails([], capsys, "required")
+    _assert_fails(["reproduce", "--only", "bogus"], capsys, "invalid choice: 'bogus'")
 
 
 def test_out_must_be_a_directory(tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("x")
-    _fails(["reproduce", "--out", str(f)], capsys, "--out must be a directory", "file.txt")
-    _fails(["bench", "--out", str(tmp_path)], capsys, "--out must be a file path")
+    _assert_fails(["reproduce", "--out", str(f)], capsys, "--out must be a directory", "file.txt")
+    _assert_fails(["bench", "--out", str(tmp_path)], capsys, "--out must be a file path")
 
 
 def test_run_one_experiment(tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scale.cli import EXIT_INTERRUPTED, main
-from tests.scale.train_helpers import one_thread, read_metrics, tiny_config, workspace  # noqa: F401
+from tests.scale.train_helpers import read_metrics, tiny_config, workspace  # noqa: F401
 
 
 def test_build_tiny_writes_a_loadable_pipeline(tmp_path):

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from scale.train import Trainer
-from tests.scale.train_helpers import lora_file_tensors, one_thread, tiny_config, workspace  # noqa: F401
+from tests.scale.train_helpers import lora_file_tensors, tiny_config, workspace  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,6 @@ from scale.checkpoint import atomic_write_dir, capture_rng_state, has_checkpoint
 from scale.train import Trainer
 from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
     lora_file_tensors,
-    one_thread,
     read_metrics,
     tiny_config,
     workspace,

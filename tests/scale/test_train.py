@@ -15,7 +15,6 @@ from scale.rollout import rollout
 from scale.train import STUDENT, Trainer
 from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
     lora_file_tensors,
-    one_thread,
     read_metrics,
     tiny_config,
     workspace,

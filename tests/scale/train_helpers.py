@@ -16,15 +16,6 @@ import torch
 TEACHER_STD = 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_workspace(root: Path, model_dir: Path, n_tasks: int = 2) -> dict:
     """Write ``n_tasks`` teacher LoRAs, prompt files and a held-out prompt file under ``root``."""
     from scale.model import add_lora, load_pipeline, save_lora

@@ -7,7 +7,6 @@ from toys.experiments import default_setting
 from toys.students import GMMStudent, ResidualMLPStudent
 from toys.train import Trainer, TrainConfig, task_schedule
 
-from tests.toys.test_train import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 SETTING = default_setting()
 

@@ -15,13 +15,6 @@ from toys.train import Trainer, TrainConfig, group_advantages
 SETTING = default_setting()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_opd_kl_parametric_student_reaches_the_tilted_target():
     # deterministic (seeded); start KL(p_ref || p*_0) = 4.38 nats, measured end 0.065 nats

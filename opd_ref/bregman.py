@@ -54,6 +54,13 @@ __all__ = [
 class BregmanH:
     """A convex generator :math:`h` with :math:`h(1) = 0`, given as functions of :math:`\\log r`.
 
+    With :math:`\\ell = \\log r` and :math:`r = p_\\theta / p_T`, the fields compute
+
+    .. math::
+        \\mathtt{h}(\\ell) = h(e^\\ell),\\quad \\mathtt{h\\_prime}(\\ell) = h'(e^\\ell),\\quad
+        \\mathtt{grad\\_weight}(\\ell) = h''(e^\\ell)\\,e^\\ell,\\qquad
+        \\mathbb E_{p_T}[D_h(r\\|1)] = \\mathbb E_{p_T}[h(r)] \\ \\ (h(1) = 0,\\ \\mathbb E_{p_T}[r] = 1)
+
     Attributes:
         name: key in :data:`H_FAMILY`.
         divergence: the divergence :math:`\\mathbb E_{p_T}[D_h(r\\|1)]` equals (text).
@@ -113,6 +120,11 @@ H_FAMILY = {h.name: h for h in (KL, REVERSE_KL, PEARSON_CHI2, JENSEN_SHANNON)}
 
 def get_h(h: Union[str, BregmanH]) -> BregmanH:
     r"""Look up a convex generator :math:`h` of the family by name.
+
+    .. math::
+        \text{kl}: h = r\log r,\quad \text{reverse\_kl}: h = -\log r,\quad
+        \text{pearson\_chi2}: h = (r-1)^2,\quad
+        \text{jensen\_shannon}: h = \tfrac12\Big[r\log\frac{2r}{1+r} + \log\frac{2}{1+r}\Big]
 
     Args:
         h: a :class:`BregmanH` (returned as is) or one of ``"kl"``, ``"reverse_kl"``,

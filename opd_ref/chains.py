@@ -133,6 +133,10 @@ def sequence_log_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
 class LinearGaussianChain:
     r"""Kernels :math:`x_{n+1} = A_n x_n + b_n + s_n\xi_n`, :math:`\xi_n\sim\mathcal N(0, I)`.
 
+    .. math::
+        x_{n+1} = A_n x_n + b_n + s_n\xi_n,\quad \xi_n\sim\mathcal N(0, I_d),\qquad
+        \text{i.e. } x_{n+1}\,|\,x_n \sim \mathcal N\big(A_n x_n + b_n,\ s_n^2 I_d\big),\quad n = 0, \dots, N-1
+
     Args:
         A: ``(N, d, d)``.
         b: ``(N, d)``.

@@ -138,6 +138,9 @@ def group_mean(values: Tensor, group_ids: Tensor) -> Tensor:
 def center_in_groups(values: Tensor, group_ids: Tensor) -> Tensor:
     r"""Subtract each prompt group's mean: :math:`v_i - \bar v_{g(i)}`.
 
+    .. math::
+        \tilde v_i = v_i - \bar v_{g(i)},\qquad \bar v_{g(i)} = \frac{1}{|g(i)|}\sum_{j \in g(i)} v_j
+
     Any per-prompt constant :math:`a(c)` added to ``values`` cancels exactly.
 
     Args:

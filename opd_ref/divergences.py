@@ -83,6 +83,10 @@ def gaussian_log_prob_dim_mean(x_next: Tensor, step: GaussianStep) -> Tensor:
     r"""The per-dimension **mean** of the Gaussian log-density, as Flow-GRPO / DDPO / DiffusionOPD's
     public code compute it: :math:`\frac1D \log\pi(x'|x)`.
 
+    .. math::
+        \frac1D \log\pi(x'|x) = \frac1D\sum_{i=1}^{D}\Big[-\frac{(x'_i - \mu_i)^2}{2 s_i^2} - \log s_i
+            - \tfrac12\log 2\pi\Big]
+
     Not a log-density: it equals :func:`gaussian_log_prob` divided by the number of event dims ``D``.
     The ratio ``exp(lp - lp_old)`` built from it is the true ratio raised to the power ``1/D``.
 
@@ -100,6 +104,9 @@ def gaussian_log_prob_dim_mean(x_next: Tensor, step: GaussianStep) -> Tensor:
 
 def cps_log_prob_flowgrpo(x_next: Tensor, step: GaussianStep) -> Tensor:
     r"""The CPS "log-prob" of the public CPS / DiffusionOPD code: :math:`-\frac1D\sum_i (x'_i-\mu_i)^2`.
+
+    .. math::
+        \widetilde{\log\pi}_{\mathrm{CPS}}(x'|x) = -\frac1D\sum_{i=1}^{D}(x'_i - \mu_i)^2
 
     It drops the variance ``2 s^2`` from the quadratic term, the ``-log s`` term and the constant,
     and averages over dims.  Kept only to measure its difference to :func:`gaussian_log_prob`.

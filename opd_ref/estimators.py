@@ -60,6 +60,10 @@ def _check(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor | None = 
 def pathwise_surrogate(student: GaussianStep, teacher_mean: Tensor) -> Tensor:
     r"""Pathwise estimator: the closed-form KL itself, :math:`\ell = \|\mu_\theta-\mu_T\|^2/(2s^2)`.
 
+    .. math::
+        \ell = \frac{\|\mu_\theta - \mathrm{sg}(\mu_T)\|^2}{2 s^2},\qquad
+        \nabla_\theta\ell = \frac{J^\top(\mu_\theta - \mu_T)}{s^2} = J^\top\delta/s
+
     Args:
         student: student kernel at ``x`` (mean with grad).
         teacher_mean: ``(B, *event)``.
@@ -159,6 +163,14 @@ def estimator_surrogate(
     r"""Dispatch to the surrogate named ``name`` (one of :data:`ESTIMATORS`), whose per-sample
     gradient is the estimator :math:`g_{\mathrm{name}}` of :math:`\nabla_\theta\mathrm{KL}` (D5).
 
+    With :math:`\varepsilon = (x' - \mu_\theta)/s` and :math:`\delta = (\mu_\theta - \mu_T)/s`:
+
+    .. math::
+        g_{\mathrm{pathwise}} = J^\top\delta/s,\qquad
+        g_{\mathrm{ppo}} = J^\top\delta/s + \mathrm{KL}\,J^\top\varepsilon/s,\qquad
+        g_{\mathrm{k1}} = (\mathrm{KL} + \delta^\top\varepsilon)\,J^\top\varepsilon/s,\qquad
+        g_{\mathrm{vopd}} = (\delta^\top\varepsilon)\,J^\top\varepsilon/s
+
     Args:
         name: ``"pathwise"``, ``"ppo"``, ``"k1"`` or ``"vopd"``.
         student, teacher_mean, x_next: as in the individual surrogates (``x_next`` unused by pathwise).
@@ -228,6 +240,13 @@ def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, T
 def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
     r"""Gradient of each entry of a ``(B,)`` loss w.r.t. ``params``, flattened and concatenated:
     row ``b`` is :math:`\nabla_\theta \ell_b` (the per-sample estimator of D5/D6, ``diffusionopd``).
+
+    .. math::
+        G_{b,\cdot} = g_b = \nabla_\theta \ell_b
+            = \big[\mathrm{vec}(\nabla_{\theta_1}\ell_b), \dots, \mathrm{vec}(\nabla_{\theta_K}\ell_b)\big]
+            \in \mathbb R^P,\qquad b = 1, \dots, B
+
+    A parameter that ``loss[b]`` does not use contributes zeros.
 
     Args:
         loss: ``(B,)`` per-sample losses built from ``params`` (each sample's graph may share params).

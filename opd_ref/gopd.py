@@ -49,6 +49,9 @@ def _check_lam(lam: float) -> float:
 def gopd_reward(log_p_teacher: Tensor, log_p_ref: Tensor, lam: float = 1.0) -> Tensor:
     r"""The G-OPD reward :math:`\lambda\,[\log p_T(x) - \log p_{ref}(x)]`, per sample.
 
+    .. math::
+        r_\lambda(x_b) = \lambda\,\big[\log p_T(x_b) - \log p_{ref}(x_b)\big]
+
     Args:
         log_p_teacher: ``(B,)``.
         log_p_ref: ``(B,)``.

@@ -46,6 +46,14 @@ __all__ = [
 class GaussianStep:
     r"""A Gaussian transition kernel :math:`\mathcal N(\mathrm{mean}, \mathrm{std}^2 I)`.
 
+    With :math:`\mu` = ``mean`` and :math:`s` = ``std`` broadcast to it, the density (for
+    :math:`s > 0`) and the reparameterised sample (:meth:`sample`) are
+
+    .. math::
+        \pi(x'|x) = \mathcal N\big(x';\,\mu,\,\mathrm{diag}(s^2)\big)
+            = \prod_i \frac{1}{\sqrt{2\pi}\,s_i}\exp\Big(-\frac{(x'_i - \mu_i)^2}{2 s_i^2}\Big),
+        \qquad x' = \mu + s\odot\varepsilon,\quad \varepsilon\sim\mathcal N(0, I)
+
     Args:
         mean: ``(B, *event)`` kernel mean.
         std: standard deviation, a float or a tensor broadcastable to ``mean`` (typically
@@ -375,6 +383,9 @@ def sigma_to_t(sigma: SigmaLike) -> Tensor | float:
 
 def t_to_sigma(t: SigmaLike) -> Tensor | float:
     r"""Inverse of :func:`sigma_to_t`: :math:`\sigma = 1 - t`.
+
+    .. math::
+        \sigma = 1 - t
 
     Args:
         t: float or tensor in ``[0, 1]``.

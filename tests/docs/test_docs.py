@@ -5,9 +5,9 @@
    the API pages show the docstrings' math converted for MathJax.
 2. Every public function and class of ``opd_ref`` (each name in a submodule's ``__all__`` and in
    ``opd_ref.__all__``) has a Google-style docstring with an ``Args:`` section (when it takes
-   arguments; a class may list ``Attributes:`` instead), a ``Returns:`` section (functions), math
-   (a ``.. math::`` block or an inline ``:math:`` role) and a citation key of
-   DESIGN.md.  The test lists every offender by qualified name and what it lacks.
+   arguments; a class may list ``Attributes:`` instead), a ``Returns:`` section (functions), a
+   ``.. math::`` display block with a formula (an inline ``:math:`` role alone does not count) and a
+   citation key of DESIGN.md.  The test lists every offender by qualified name and what it lacks.
 3. Every public ``opd_ref`` module has its API page; D1-D13 each have one page with the sections of
    the docs format (Statement, Proof sketch, Code, Tests, Figure), whose code names and test node ids
    exist; the node ids in docs/claims.md exist and every claim row has a verdict.
@@ -54,9 +54,11 @@ _SECTION_RE = {
     "Attributes": re.compile(r"^\s*(Args|Arguments|Parameters|Attributes):\s*$", re.M),
     "Returns": re.compile(r"^\s*(Returns|Yields):\s*$", re.M),
 }
-# Math: a ``.. math::`` block, or an inline ``:math:`` role for one-formula objects (the site renders
-# both through MathJax).
-_MATH_RE = re.compile(r"^\s*\.\. math::|:math:`", re.M)
+# Math: a ``.. math::`` display block that holds a formula, either on the directive line or in the
+# indented body below it (blank lines allowed in between).  An inline ``:math:`` role alone does not
+# count, nor does an empty directive.
+_MATH_RE = re.compile(r"^([ \t]*)\.\. math::(?:[ \t]*\S|[ \t]*\n(?:[ \t]*\n)*\1[ \t]+\S)", re.M)
+_NO_MATH = "no '.. math::' block (an inline ':math:' role is not enough)"
 
 
 def _public_modules() -> list:
@@ -115,7 +117,7 @@ def docstring_problems(obj) -> list:
     if _returns_something(obj) and not _SECTION_RE["Returns"].search(doc):
         problems.append("no Returns: section")
     if not _MATH_RE.search(doc):
-        problems.append("no math (neither '.. math::' nor ':math:')")
+        problems.append(_NO_MATH)
     if not _KEY_RE.search(doc):
         problems.append("no citation key of DESIGN.md")
     return problems
@@ -155,9 +157,14 @@ def test_docstring_checker_flags_bad_docstrings():
     assert docstring_problems(with_doc(None)) == ["no docstring"]
     assert docstring_problems(with_doc(good_doc)) == []
     assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key of DESIGN.md"]
-    assert docstring_problems(with_doc(good_doc.replace(".. math::", "Math:"))) == [
-        "no math (neither '.. math::' nor ':math:')"
-    ]
+    assert docstring_problems(with_doc(good_doc.replace(".. math::", "Math:"))) == [_NO_MATH]
+    # an inline role alone, or a directive without a formula, is not a math block
+    inline_only = good_doc.replace(".. math::\n            y = 2x", "Math: :math:`y = 2x`.")
+    assert ":math:`" in inline_only and ".. math::" not in inline_only
+    assert docstring_problems(with_doc(inline_only)) == [_NO_MATH]
+    empty_block = good_doc.replace("            y = 2x\n", "")
+    assert docstring_problems(with_doc(empty_block)) == [_NO_MATH]
+    assert docstring_problems(with_doc(good_doc.replace(".. math::\n            y", ".. math:: y"))) == []
     assert docstring_problems(with_doc(good_doc.replace("Args:", "Arguments"))) == ["no Args: section"]
     assert docstring_problems(with_doc(good_doc.replace("Returns:", "Gives:"))) == ["no Returns: section"]
 

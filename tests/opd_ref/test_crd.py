@@ -84,10 +84,12 @@ def test_zero_loss_and_zero_gradient_at_p_star_for_any_grouping(seed, beta, n_ct
     assert float(loss.detach().abs().max()) < 1e-20
     g_mean, g_std = torch.autograd.grad(loss.sum(), (mean, log_std))
     assert float(g_mean.abs().max()) < 1e-9 and float(g_std.abs().max()) < 1e-9
-    # the uncentered loss is not zero there (log Z != 0) unless given the exact normalizer
-    unc = uncentered_reward_loss(r_hat, b[gid] * x)
-    assert float(unc.detach().max()) > 1e-6
+    # the uncentered loss is not zero there: it is exactly 1/2 (beta log Z(c))^2 for every sample,
+    # positive whenever log Z(c) != 0, and 0 only when given the exact normalizer
     _, log_z = _tilted_gaussian(m_ref, s_ref, b, beta)
+    unc = uncentered_reward_loss(r_hat, b[gid] * x)
+    torch.testing.assert_close(unc.detach(), 0.5 * (beta * log_z[gid]) ** 2, atol=1e-12, rtol=1e-9)
+    assert bool((log_z != 0).all()) and bool((unc.detach() > 0).all())
     assert float(uncentered_reward_loss(r_hat, b[gid] * x, beta * log_z[gid]).detach().max()) < 1e-18
 
 

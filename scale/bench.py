@@ -20,6 +20,7 @@ Reference: ``diffusionopd`` (OPD cost vs GRPO), ``flowgrpo``.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -253,6 +254,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         dict of measurements, ratios and the methods used.
     """
     from scale.config import ScaleConfig
+    from scale.model import _adapter_active
     from scale.train import STUDENT, Trainer
 
     results: Dict[str, Any] = {"repeats": repeats}
@@ -284,9 +286,11 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         params = tr.adapter_parameters(STUDENT)
         calls = 10
 
-        def no_grad_calls(adapter):
+        def no_grad_calls(adapter, hold: bool = False):
+            # hold=True: the adapter stays active over the calls, as in a rollout (scale.rollout.rollout
+            # switches it once per trajectory); teacher calls in an update each switch on their own
             def fn():
-                with torch.no_grad():
+                with torch.no_grad(), (_adapter_active(tr.transformer, adapter) if hold else contextlib.nullcontext()):
                     for _ in range(calls):
                         tr.velocity(x, sigma, embeds, adapter)
             return fn
@@ -307,7 +311,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
             "opd_kl_update": lambda: tr.distill_update(next(counters["opd"])),
             "ppo_opd_update": lambda: tr_ppo.distill_update(next(counters["ppo"])),
             "grpo_update": lambda: tr_grpo.grpo_update(0, 0, next(counters["grpo"])),
-            "rollout_forwards": no_grad_calls(STUDENT),
+            "rollout_forwards": no_grad_calls(STUDENT, hold=True),
             "teacher_forwards": no_grad_calls(tr.tasks[0].adapter),
             "student_forward_backward": fwd_bwd,
         }, dev, repeats)

@@ -662,6 +662,7 @@ def predict_velocity(
     adapter: Optional[str],
     *,
     num_train_timesteps: int = 1000,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     r"""Velocity :math:`v(x_\sigma, \sigma, c)` of the base with ``adapter`` (or of the reference).
 
@@ -683,6 +684,9 @@ def predict_velocity(
         guidance_scale: CFG scale :math:`g`; ``<= 1`` means a single conditional forward.
         adapter: adapter name to use, or ``None`` for the reference (all adapters disabled).
         num_train_timesteps: the scheduler's ``num_train_timesteps`` (1000 for SD3).
+        dtype: the transformer's dtype when the caller already knows it (``None``: looked up with
+            ``transformer.dtype``, which walks every module and costs about as much as a tiny model's
+            adapter switch; rollouts and the trainer look it up once instead of on every call).
 
     Returns:
         ``(B, C, H, W)`` float32 velocity.
@@ -708,7 +712,8 @@ def predict_velocity(
         raise ValueError(
             f"guidance_scale={g} > 1 needs negative embeddings (PromptCache(..., guidance=True))"
         )
-    dtype = transformer.dtype
+    if dtype is None:
+        dtype = transformer.dtype
     x = latents.to(dtype)
     t = (sigma.to(torch.float32) * num_train_timesteps).to(latents.device)
     if cfg:

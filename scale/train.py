@@ -456,6 +456,8 @@ class Trainer:
             add_lora(self.transformer, STUDENT, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        # looked up once: ``transformer.dtype`` walks every module (the trainer never recasts the model)
+        self._transformer_dtype = self.transformer.dtype
         self.cache = PromptCache(self.pipe, max_sequence_length=cfg.max_sequence_length, guidance=cfg.guidance_scale > 1)
         # encode every prompt once now (the text encoders are not needed afterwards)
         all_prompts = sorted({p for t in self.tasks for p in t.prompts} | set(self.heldout_prompts))
@@ -538,7 +540,8 @@ class Trainer:
         if adapter is not None and torch.is_grad_enabled():
             for p in self.adapter_parameters(adapter):
                 p.requires_grad_(True)
-        return predict_velocity(self.transformer, x, sigma, embeds, self.cfg.guidance_scale, adapter)
+        return predict_velocity(self.transformer, x, sigma, embeds, self.cfg.guidance_scale, adapter,
+                                dtype=self._transformer_dtype)
 
     def rollout(self, embeds: Any, n: int, gen: torch.Generator, adapter: Optional[str], kernel: Optional[str] = None,
                 sigmas: Optional[Tensor] = None):

@@ -1,9 +1,10 @@
 r"""Single-task training curves: every OPD method and GRPO on the parametric GMM student (b).
 
-Task 0 of the shared setting; the student starts at :math:`p_{ref}`; its reverse KL to
-:math:`p^*_0` is exact (quadrature of two closed-form GMM densities, :func:`toys.metrics.grid_kl`).
-Curves: KL vs student forward passes and vs wall-clock seconds, one line per method, bands = +-1
-std over seeds.  Reference: ``diffusionopd`` (closed-form KL vs PPO-style OPD), ``flowgrpo``.
+Each task :math:`k` of the shared setting is trained separately (a fresh single-task student per task,
+method and seed); the student starts at :math:`p_{ref}`; its reverse KL to :math:`p^*_k` is exact
+(quadrature of two closed-form GMM densities, :func:`toys.metrics.grid_kl`).  Curves: one row per
+task, KL vs student forward passes (left) and vs wall-clock seconds (right), one line per method,
+bands = +-1 std over seeds.  Reference: ``diffusionopd`` (closed-form KL vs PPO-style OPD), ``flowgrpo``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def exact_kl(student: GMMStudent, target, setting, task: int = 0, n: int = 161) 
 
 def train_one(method: str, setting, task: int, seed: int, *, n_updates: int, eval_every: int,
               batch_size: int, noise_level: float, lr: float) -> Dict[str, List[float]]:
-    """Train a fresh :class:`GMMStudent` with one method; returns the logged curve."""
+    """Train a fresh single-task :class:`GMMStudent` on task ``task`` with one method; returns the logged curve."""
     torch.manual_seed(seed)
     student = GMMStudent(setting.p_ref, 1)
     target = setting.targets[task]
@@ -61,7 +62,7 @@ def train_one(method: str, setting, task: int, seed: int, *, n_updates: int, eva
             curve["kl"].append(exact_kl(student, target, setting))
     gen = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad():
-        xs = student.mixture(0).sample(1000, gen)
+        xs = student.mixture(0).sample(1000, gen)  # the student's only task is ``task``
         xt = target.sample(1000, gen)
     curve["energy"] = energy_distance(xs, xt)
     curve["mass_error"] = mass_error(xs, target)
@@ -76,42 +77,45 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     """
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
-    task = 0
+    tasks = list(range(len(setting.targets)))
     cfg = QUICK if quick else FULL
     seeds = list(seeds)[: cfg["max_seeds"]]
     n_updates, eval_every = cfg["n_updates"], cfg["eval_every"]
     noise_level, batch_size, lr = cfg["noise_level"], cfg["batch_size"], cfg["lr"]
-    curves: Dict[str, List[dict]] = {m: [] for m in METHODS}
+    curves: Dict[int, Dict[str, List[dict]]] = {k: {m: [] for m in METHODS} for k in tasks}
     metrics = []
-    bar = tqdm([(m, s) for m in METHODS for s in seeds], desc="training", leave=False)
-    for method, seed in bar:
-        bar.set_postfix_str(f"{method} seed {seed}")
+    bar = tqdm([(k, m, s) for k in tasks for m in METHODS for s in seeds], desc="training", leave=False)
+    for task, method, seed in bar:
+        bar.set_postfix_str(f"task {task} {method} seed {seed}")
         c = train_one(method, setting, task, seed, n_updates=n_updates, eval_every=eval_every,
                       batch_size=batch_size, noise_level=noise_level, lr=lr)
-        curves[method].append(c)
+        curves[task][method].append(c)
         for j in range(len(c["update"])):
             metrics.append({"figure": "training_curves", "method": method, "seed": seed, "task": task,
                             **{k: c[k][j] for k in ("update", "forward_passes", "seconds", "kl")}})
-    # ---- figure
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
-    for method in METHODS:
-        cs = curves[method]
-        kl = np.array([c["kl"] for c in cs])
-        band(axes[0], np.mean([c["forward_passes"] for c in cs], 0), kl, method)
-        band(axes[1], np.mean([c["seconds"] for c in cs], 0), kl, method)
-    axes[0].set_xlabel("student forward passes (velocity evaluations, samples × steps)")
-    axes[1].set_xlabel("wall-clock training seconds (excl. evaluation)")
-    for ax in axes:
-        ax.set_ylabel("exact KL(p_θ ‖ p*_0)  (nats)")
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Parametric GMM student, task 0, a={noise_level}, batch {batch_size}, 10 steps, Adam lr {lr}; "
+    # ---- figure: one row per task, KL vs forward passes (left) and vs seconds (right)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.0 * len(tasks) + 0.6), squeeze=False)
+    for task in tasks:
+        row = axes[task]
+        for method in METHODS:
+            cs = curves[task][method]
+            kl = np.array([c["kl"] for c in cs])
+            band(row[0], np.mean([c["forward_passes"] for c in cs], 0), kl, method)
+            band(row[1], np.mean([c["seconds"] for c in cs], 0), kl, method)
+        row[0].set_xlabel("student forward passes (velocity evaluations, samples × steps)", fontsize=8)
+        row[1].set_xlabel("wall-clock training seconds (excl. evaluation)", fontsize=8)
+        for ax in row:
+            ax.set_ylabel(f"exact KL(p_θ ‖ p*_{task})  (nats)")
+            ax.set_yscale("log")
+            ax.set_title(f"task {task}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Parametric GMM student, one per task, a={noise_level}, batch {batch_size}, 10 steps, Adam lr {lr}; "
                  f"bands ±1 std over {len(seeds)} seeds", fontsize=9)
     figures = [save(fig, out_dir, "training_curves.png")]
-    # ---- checks
-    kl0 = curves["opd_kl"][0]["kl"][0]
-    d7 = -expected_reward(setting.p_ref, setting.rewards[task]) / setting.betas[task] + setting.log_Z[task]
-    finals = {m: np.array([c["kl"][-1] for c in curves[m]]) for m in METHODS}
+    # ---- checks (task 0)
+    kl0 = curves[0]["opd_kl"][0]["kl"][0]
+    d7 = -expected_reward(setting.p_ref, setting.rewards[0]) / setting.betas[0] + setting.log_Z[0]
+    finals = {m: np.array([c["kl"][-1] for c in curves[0][m]]) for m in METHODS}
     checks = [
         {"name": "D7: quadrature KL(p_ref||p*_0) = -E_ref[r]/beta + log Z (closed form), abs. error",
          "value": abs(kl0 - d7), "threshold": "<= 1e-4", "passed": bool(abs(kl0 - d7) <= 1e-4)},
@@ -119,14 +123,17 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
          "value": float(finals["opd_kl"].max() / kl0), "threshold": "<= 0.1",
          "passed": bool(finals["opd_kl"].max() / kl0 <= 0.1)},
     ]
-    rows = ["| method | final KL (nats) | energy distance | mode-mass TV | forward passes | seconds |",
-            "|---|---|---|---|---|---|"]
-    for m in METHODS:
-        cs = curves[m]
-        f = lambda key: np.array([c[key] if np.isscalar(c[key]) else c[key][-1] for c in cs])  # noqa: E731
-        rows.append(f"| {LABELS[m]} | {f('kl').mean():.3f} ± {f('kl').std():.3f} | {f('energy').mean():.4f} ± "
-                    f"{f('energy').std():.4f} | {f('mass_error').mean():.3f} ± {f('mass_error').std():.3f} | "
-                    f"{int(f('forward_passes').mean())} | {f('seconds').mean():.1f} ± {f('seconds').std():.1f} |")
-    table = {f"Single-task training, start KL {kl0:.3f} nats ({n_updates} updates, mean ± std over seeds "
+    rows = ["| task | start KL (nats) | method | final KL (nats) | energy distance | mode-mass TV | forward passes "
+            "| seconds |", "|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        start = curves[task]["opd_kl"][0]["kl"][0]
+        for m in METHODS:
+            cs = curves[task][m]
+            f = lambda key: np.array([c[key] if np.isscalar(c[key]) else c[key][-1] for c in cs])  # noqa: E731
+            rows.append(f"| {task} | {start:.3f} | {LABELS[m]} | {f('kl').mean():.3f} ± {f('kl').std():.3f} | "
+                        f"{f('energy').mean():.4f} ± {f('energy').std():.4f} | {f('mass_error').mean():.3f} ± "
+                        f"{f('mass_error').std():.3f} | {int(f('forward_passes').mean())} | "
+                        f"{f('seconds').mean():.1f} ± {f('seconds').std():.1f} |")
+    table = {f"Single-task training, one student per task ({n_updates} updates, mean ± std over seeds "
              f"{seeds})": "\n".join(rows)}
     return {"checks": checks, "figures": figures, "tables": table, "metrics": metrics}

@@ -1,0 +1,312 @@
+r"""One registry of per-step objectives under one set of method names, and the group-advantage normaliser.
+
+Every objective is a function of one :class:`StepInputs` (the student's kernel at a stored state,
+the kernel it is compared with, the behaviour kernel that drew the action) that returns a
+:class:`StepLoss`: a per-sample loss whose gradient is the method's estimator, plus detached
+diagnostics.  A new objective is one function and one :func:`register` line.
+
+All kernels at one state share their std :math:`s` (D2), so with the mean gaps
+:math:`\Delta = \mu_\theta - \mu_{target} = c_v (v_\theta - v_{target})` and
+:math:`\Delta_{old} = \mu_\theta - \mu_{old} = c_v (v_\theta - v_{old})` (computed from velocity
+differences, without cancellation) and the stored draw :math:`x' = \mu_{old} + s\varepsilon`:
+
+.. math::
+    \mathrm{KL}(\pi_\theta\|\pi_{target}) = \frac{\|\Delta\|^2}{2s^2},\qquad
+    \log\frac{\pi_\theta(x')}{\pi_{old}(x')} = \frac{\Delta_{old}^\top(2 s\varepsilon - \Delta_{old})}{2 s^2},\qquad
+    \log\frac{\pi_\theta(x')}{\pi_{target}(x')} = \frac{\Delta^\top(2 (s\varepsilon - \Delta_{old}) + \Delta)}{2 s^2}
+
+=============  ==================================================================================
+name           per-step loss :math:`\ell` (gradient = the estimator)
+=============  ==================================================================================
+``opd_kl``     closed-form reverse KL to the teacher (pathwise, D1/D2/D5)           ``diffusionopd``
+``opd_ode``    :math:`\tfrac12\|x'_\theta - x'_T\|^2` on ODE rollouts (D4)          ``diffusionopd``
+``ppo_opd``    PPO surrogate with dense advantage :math:`-\mathrm{KL}_\theta` (D5)   ``diffusionopd``
+``k1``         :math:`\mathrm{sg}[\log\pi_\theta/\pi_T](x')\,\log\pi_\theta(x')`     ``tm-opd``
+``vopd``       k1 minus its closed-form value :math:`\mathrm{KL}`                    ``vopd``
+``grpo``       clipped PPO on group advantages + :math:`\beta`-KL to the reference   ``flowgrpo``
+``crd``        the step's log-ratio to the reference (the CRD update sums and centres it)  ``crd``
+=============  ==================================================================================
+
+Reference: ``diffusionopd``, ``flowgrpo``, ``tm-opd``, ``vopd``, ``crd``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from opd_ref.engine.kernel import StepCoefficients
+
+__all__ = [
+    "StepInputs",
+    "StepLoss",
+    "ObjectiveSpec",
+    "Objective",
+    "OBJECTIVES",
+    "METHODS",
+    "register",
+    "KL_FORMS",
+    "group_advantages",
+]
+
+KL_FORMS = ("exact", "flowgrpo")
+
+
+def _sum_event(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(1)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    r"""What a per-step objective sees at one stored transition :math:`x \to x'`.
+
+    Attributes:
+        coef: the step's kernel (:class:`~opd_ref.engine.kernel.StepCoefficients`; std ``s``).
+        v: ``(B, *event)`` the trained policy's velocity at ``x`` (carries the gradient).
+        v_old: ``(B, *event)`` the behaviour velocity that drew ``x'`` (detached).
+        noise: ``(B, *event)`` the draw :math:`\varepsilon` with :math:`x' = \mu_{old} + s\varepsilon`.
+        v_target: ``(B, *event)`` the teacher's (distillation) or reference's (RL, CRD) velocity at
+            ``x`` (detached), or ``None``.
+        advantage: ``(B,)`` detached advantages (RL), or ``None``.
+    """
+
+    coef: StepCoefficients
+    v: Tensor
+    v_old: Tensor
+    noise: Tensor
+    v_target: Optional[Tensor] = None
+    advantage: Optional[Tensor] = None
+
+    @property
+    def s(self) -> float:
+        """The step std."""
+        return self.coef.std
+
+    def gap(self) -> Tensor:
+        r""":math:`\mu_\theta - \mu_{target} = c_v (v - v_{target})`."""
+        return self.coef.c_v * (self.v - self.v_target)
+
+    def gap_old(self) -> Tensor:
+        r""":math:`\mu_\theta - \mu_{old} = c_v (v - v_{old})` (0 with gradient at :math:`\theta = \theta_{old}`)."""
+        return self.coef.c_v * (self.v - self.v_old)
+
+    def kl(self) -> Tensor:
+        r"""``(B,)`` :math:`\mathrm{KL}(\pi_\theta\|\pi_{target}) = \|\Delta\|^2/(2s^2)`, summed over dims."""
+        return _sum_event(self.gap().pow(2)) / (2.0 * self.s**2)
+
+    def log_ratio_old(self) -> Tensor:
+        r"""``(B,)`` :math:`\log\pi_\theta(x') - \log\pi_{old}(x')`."""
+        d = self.gap_old()
+        return _sum_event(d * (2.0 * self.s * self.noise - d)) / (2.0 * self.s**2)
+
+    def log_ratio_target(self) -> Tensor:
+        r"""``(B,)`` :math:`\log\pi_\theta(x') - \log\pi_{target}(x')` at the stored draw."""
+        d = self.gap()
+        resid = self.s * self.noise - self.gap_old()  # x' - mu_theta
+        return _sum_event(d * (2.0 * resid + d)) / (2.0 * self.s**2)
+
+
+@dataclass
+class StepLoss:
+    """A per-step objective's output.
+
+    Attributes:
+        loss: ``(B,)`` per-sample loss (its gradient is the method's estimator).
+        stats: detached ``(B,)`` diagnostics by name (e.g. ``"kl"``, ``"ratio"``).
+    """
+
+    loss: Tensor
+    stats: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    r"""A per-step objective by name with its hyper-parameters, validated once.
+
+    .. math::
+        \ell_{\texttt{grpo}} = -\min\big(rA, \mathrm{clip}(r, 1-\epsilon, 1+\epsilon)A\big)
+            + \beta\,\mathrm{KL}_{form}(\pi_\theta\|\pi_{ref})
+
+    Args:
+        name: one of :data:`METHODS`.
+        clip_range: PPO :math:`\epsilon > 0` (``grpo``); ``None`` for no clipping.
+        kl_beta: :math:`\beta \ge 0`, weight of the per-step KL to the reference (``grpo``).
+        kl_form: ``"exact"`` (the true per-step KL) or ``"flowgrpo"`` (Flow-GRPO's code: mean over
+            dims, :math:`\|\Delta\|^2/(2\sigma_t^2)` without :math:`|\Delta t|`; SDE only).
+        crd_beta: CRD's KL strength :math:`\beta > 0` in the implicit reward (``crd``).
+
+    Reference: ``flowgrpo``, ``diffusionopd``.
+    """
+
+    name: str = "opd_kl"
+    clip_range: Optional[float] = 0.2
+    kl_beta: float = 0.0
+    kl_form: str = "exact"
+    crd_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"ObjectiveSpec.name must be one of {tuple(OBJECTIVES)}, got {self.name!r}")
+        c = self.clip_range
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
+            raise ValueError(f"ObjectiveSpec.clip_range must be a positive finite float or None, got {c!r}")
+        b = self.kl_beta
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < math.inf:
+            raise ValueError(f"ObjectiveSpec.kl_beta must be a finite float >= 0, got {b!r}")
+        b = self.crd_beta
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
+            raise ValueError(f"ObjectiveSpec.crd_beta must be a positive finite float, got {b!r}")
+        if self.kl_form not in KL_FORMS:
+            raise ValueError(f"ObjectiveSpec.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+
+    @property
+    def objective(self) -> "Objective":
+        """The registry entry."""
+        return OBJECTIVES[self.name]
+
+    def __call__(self, inputs: StepInputs) -> StepLoss:
+        return OBJECTIVES[self.name].fn(self, inputs)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registry entry.
+
+    Attributes:
+        name: the method name.
+        fn: ``fn(spec, inputs) -> StepLoss``.
+        family: ``"distill"`` (needs a teacher), ``"rl"`` (needs advantages and the reference) or
+            ``"crd"`` (the CRD update).
+        kernels: the rollout kernel kinds it is defined for.
+        doc: one line.
+    """
+
+    name: str
+    fn: Callable[[ObjectiveSpec, StepInputs], StepLoss]
+    family: str
+    kernels: tuple
+    doc: str
+
+
+OBJECTIVES: Dict[str, Objective] = {}
+
+
+def register(name: str, family: str, kernels: tuple, doc: str) -> Callable:
+    """Decorator: add ``fn(spec, inputs) -> StepLoss`` to :data:`OBJECTIVES` under ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = Objective(name, fn, family, kernels, doc)
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------ distillation
+@register("opd_kl", "distill", ("sde", "cps"), "closed-form per-step reverse KL to the teacher (pathwise)")
+def _opd_kl(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    kl = i.kl()
+    return StepLoss(kl, {"kl": kl.detach()})
+
+
+@register("opd_ode", "distill", ("ode",), "direct transition matching 1/2 ||x'_s - x'_t||^2 on ODE rollouts")
+def _opd_ode(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    match = 0.5 * _sum_event(i.gap().pow(2))
+    return StepLoss(match, {"match": match.detach()})
+
+
+@register("ppo_opd", "distill", ("sde", "cps"), "PPO surrogate with dense advantage -KL (ratio 1 at theta_old)")
+def _ppo_opd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    kl = i.kl()
+    ratio = torch.exp(i.log_ratio_old())
+    return StepLoss(ratio * kl, {"kl": kl.detach()})  # -r A with A = -KL (not detached)
+
+
+@register("k1", "distill", ("sde", "cps"), "k1 REINFORCE: detached sampled log-ratio times the log-prob")
+def _k1(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    kl = i.kl().detach()
+    lr = i.log_ratio_target().detach()
+    return StepLoss(lr * i.log_ratio_old(), {"kl": kl})
+
+
+@register("vopd", "distill", ("sde", "cps"), "vOPD: k1 with its closed-form value as control variate")
+def _vopd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    kl = i.kl().detach()
+    lr = i.log_ratio_target().detach()
+    return StepLoss((lr - kl) * i.log_ratio_old(), {"kl": kl})
+
+
+# ------------------------------------------------------------------------------------ RL
+def _clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional[float]) -> Tensor:
+    r""":math:`-\min(rA, \mathrm{clip}(r, 1-\epsilon, 1+\epsilon)A)` with :math:`r = e^{\log r}`."""
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantage
+    if clip_range is None:
+        return -unclipped
+    return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
+
+
+@register("grpo", "rl", ("sde", "cps"), "Flow-GRPO: clipped ratio on group advantages + beta KL to the reference")
+def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    log_ratio = i.log_ratio_old()
+    loss = _clipped_surrogate(log_ratio, i.advantage, spec.clip_range)
+    ratio = torch.exp(log_ratio.detach())
+    stats = {"ratio": ratio}
+    if spec.clip_range is not None:
+        stats["clipped"] = ((ratio - 1.0).abs() > spec.clip_range).to(ratio.dtype)
+    if spec.kl_beta > 0:
+        if spec.kl_form == "exact":
+            kl = i.kl()
+        else:  # Flow-GRPO's code: mean over dims of Delta^2 / (2 std_t^2), no |dt|
+            kl = i.gap().pow(2).flatten(1).mean(1) / (2.0 * i.coef.std_t**2)
+        loss = loss + spec.kl_beta * kl
+        stats["kl_ref"] = kl.detach()
+    return StepLoss(loss, stats)
+
+
+@register("crd", "crd", ("sde", "cps"), "CRD: the step's log-ratio to the reference (summed and centred by the update)")
+def _crd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    lr = i.log_ratio_target()
+    return StepLoss(lr, {"log_ratio": lr.detach()})
+
+
+METHODS = tuple(OBJECTIVES)
+
+
+def group_advantages(rewards: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Tensor:
+    r"""GRPO advantages of one group: rewards standardised within the group.
+
+    .. math::
+        A_i = \frac{r_i - \bar r}{\mathrm{std}_{ddof}(r) + \epsilon},\qquad
+        \mathrm{std}_{ddof}(r) = \sqrt{\tfrac{1}{G - ddof}\textstyle\sum_j (r_j - \bar r)^2}
+
+    ``ddof = 0`` and ``eps = 1e-4`` are Flow-GRPO's (numpy ``std``, ``+ 1e-4``); a group whose rewards
+    are all equal gets advantages 0.
+
+    Args:
+        rewards: ``(G,)`` finite rewards of one group (``G >= 2``; ``G > ddof``).
+        ddof: delta degrees of freedom of the std (0 or 1).
+        eps: :math:`\epsilon > 0` added to the std.
+
+    Returns:
+        ``(G,)`` advantages (detached).
+
+    Reference: ``flowgrpo``.
+    """
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or rewards.shape[0] < 2:
+        raise ValueError(f"rewards must be a (G,) tensor with G >= 2, got {getattr(rewards, 'shape', type(rewards))}")
+    if not torch.is_floating_point(rewards) or not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"rewards must be finite floating values, got {rewards.detach().flatten()[:6].tolist()}")
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    r = rewards.detach()
+    centred = r - r.mean()
+    std = torch.sqrt(centred.pow(2).sum() / (r.shape[0] - ddof))
+    return centred / (std + eps)

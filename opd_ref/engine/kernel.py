@@ -44,7 +44,11 @@ SIGMA_ONE_RULES = ("flowgrpo", "ode", "error")
 
 @dataclass(frozen=True)
 class StepCoefficients:
-    r"""The kernel of one grid step, :math:`\mathcal N(c_x x + c_v v, s^2 I)`, as Python floats.
+    r"""The kernel of one grid step as Python floats.
+
+    .. math:: \pi(x'|x) = \mathcal N(c_x x + c_v v,\ s^2 I),\qquad \sigma_t = s/\sqrt{|\Delta t|}
+
+    Reference: ``flowgrpo``, ``diffusionopd``.
 
     Attributes:
         sigma, sigma_next: the step :math:`\sigma \to \sigma'`.
@@ -115,9 +119,14 @@ class KernelSpec:
     def check_grid(self, sigmas: Tensor) -> list:
         """Validate a grid for this kernel; return its noise levels as Python floats (float64).
 
+        Args:
+            sigmas: ``(N + 1,)`` grid.
+
+        Returns:
+            the ``N + 1`` levels as floats.
+
         Raises:
-            ValueError: not a strictly decreasing 1-D grid of >= 2 levels in ``[0, 1]``, or a grid
-            that starts at 1 with ``sigma_one="error"`` under the SDE.
+            ValueError: not a strictly decreasing 1-D grid of >= 2 levels in ``[0, 1]``, or a grid that starts at 1 with ``sigma_one="error"`` under the SDE.
         """
         if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.shape[0] < 2:
             raise ValueError(

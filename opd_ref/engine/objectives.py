@@ -64,6 +64,12 @@ def _sum_event(t: Tensor) -> Tensor:
 class StepInputs:
     r"""What a per-step objective sees at one stored transition :math:`x \to x'`.
 
+    .. math::
+        \Delta = c_v (v - v_{target}),\qquad \Delta_{old} = c_v (v - v_{old}),\qquad
+        x' = \mu_{old} + s\varepsilon
+
+    Reference: ``diffusionopd``.
+
     Attributes:
         coef: the step's kernel (:class:`~opd_ref.engine.kernel.StepCoefficients`; std ``s``).
         v: ``(B, *event)`` the trained policy's velocity at ``x`` (carries the gradient).
@@ -112,7 +118,11 @@ class StepInputs:
 
 @dataclass
 class StepLoss:
-    """A per-step objective's output.
+    r"""A per-step objective's output: per-sample :math:`\ell_i` whose gradient is the estimator.
+
+    .. math:: \hat\nabla L = \nabla_\theta \tfrac1B\textstyle\sum_i \ell_i
+
+    Reference: ``diffusionopd``.
 
     Attributes:
         loss: ``(B,)`` per-sample loss (its gradient is the method's estimator).
@@ -174,7 +184,11 @@ class ObjectiveSpec:
 
 @dataclass(frozen=True)
 class Objective:
-    """A registry entry.
+    r"""A registry entry: the function :math:`(\text{spec}, \text{inputs}) \mapsto \ell` of one method.
+
+    .. math:: \ell = \mathrm{fn}(\text{spec}, \text{inputs})
+
+    Reference: ``diffusionopd``, ``flowgrpo``.
 
     Attributes:
         name: the method name.
@@ -196,7 +210,21 @@ OBJECTIVES: Dict[str, Objective] = {}
 
 
 def register(name: str, family: str, kernels: tuple, doc: str) -> Callable:
-    """Decorator: add ``fn(spec, inputs) -> StepLoss`` to :data:`OBJECTIVES` under ``name``."""
+    r"""Decorator: add ``fn(spec, inputs) -> StepLoss`` to :data:`OBJECTIVES` under ``name``.
+
+    .. math:: \texttt{OBJECTIVES}[\mathrm{name}] = \ell_{\mathrm{name}}(\text{spec}, \text{inputs})
+
+    Args:
+        name: the method name (unique).
+        family: ``"distill"``, ``"rl"`` or ``"crd"``.
+        kernels: the kernel kinds it is defined for.
+        doc: one line.
+
+    Returns:
+        the decorator (it returns ``fn`` unchanged).
+
+    Reference: ``diffusionopd``.
+    """
 
     def deco(fn: Callable) -> Callable:
         if name in OBJECTIVES:

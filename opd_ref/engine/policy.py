@@ -29,7 +29,17 @@ __all__ = ["Policy", "RolloutBatch", "Collective", "LOCAL", "initial_noise"]
 
 @runtime_checkable
 class Policy(Protocol):
-    """The engine's view of a model (see the module docstring)."""
+    r"""The engine's view of a model: velocities of named adapters, their parameters, an active context.
+
+    .. math:: v_{adapter}(x, \sigma, c)
+
+    Attributes:
+        event_shape: the shape of one state (``(2,)``, ``(C, H, W)``).
+        device: where states live.
+        state_dtype: the dtype of states (float64 toys, float32 SD3.5).
+
+    Reference: ``diffusionopd`` (LoRA adapters on one frozen base).
+    """
 
     event_shape: Tuple[int, ...]
     device: torch.device
@@ -52,6 +62,10 @@ class Policy(Protocol):
 class RolloutBatch:
     r"""One batch of rollouts to draw: its condition, size, noise generator and weight.
 
+    .. math:: \textstyle\sum_b w_b = 1 \text{ over a task's batches on all processes}
+
+    Reference: ``diffusionopd``.
+
     Attributes:
         cond: the condition passed to ``policy.velocity`` (a task index, prompt embeddings, ...).
         size: number of rollouts ``B``.
@@ -67,13 +81,29 @@ class RolloutBatch:
 
 
 def initial_noise(policy: Policy, batch: RolloutBatch) -> Tensor:
-    r""":math:`x_0 \sim \mathcal N(0, I)`, ``(B, *event)`` in the policy's state dtype, from the batch's generator."""
+    r"""The initial noise of a batch, in the policy's state dtype, from the batch's generator.
+
+    .. math:: x_0 \sim \mathcal N(0, I)
+
+    Args:
+        policy: gives ``event_shape``, ``device``, ``state_dtype``.
+        batch: gives ``size`` and ``generator``.
+
+    Returns:
+        ``(B, *event)``.
+
+    Reference: ``flowgrpo``.
+    """
     return torch.randn((batch.size,) + tuple(policy.event_shape), generator=batch.generator,
                        device=policy.device, dtype=policy.state_dtype)
 
 
 class Collective:
-    """How an update combines processes: sum gradients and statistics (no-op on one process).
+    r"""How an update combines processes: sum gradients and statistics (no-op on one process).
+
+    .. math:: g = \textstyle\sum_{p} g_p
+
+    Reference: ``diffusionopd`` (data-parallel training).
 
     Data-parallel callers (``scale`` through ``accelerate``) override both methods.
     """

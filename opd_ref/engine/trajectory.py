@@ -38,7 +38,11 @@ Velocity = Callable[[Tensor, float], Tensor]
 
 
 class NonFiniteError(FloatingPointError):
-    """A non-finite velocity or loss in the engine's hot loop; the message names what, where and when.
+    r"""A non-finite velocity or loss in the engine's hot loop; the message names what, where and when.
+
+    .. math:: \exists i:\ \ell_i \notin \mathbb R
+
+    Reference: ``diffusionopd``.
 
     Attributes:
         what: the quantity (``"velocity"``, ``"loss"``, ...).
@@ -63,7 +67,20 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_finite(t: Tensor, what: str, step: Optional[int] = None) -> Tensor:
-    """One full-tensor scan: raise :class:`NonFiniteError` naming ``what`` and ``step`` if ``t`` has a NaN/inf."""
+    r"""One full-tensor scan: raise :class:`NonFiniteError` naming ``what`` and ``step`` if ``t`` has a NaN/inf.
+
+    .. math:: \forall i:\ t_i \in \mathbb R
+
+    Args:
+        t: the tensor.
+        what: its name in the message.
+        step: the rollout step, or ``None``.
+
+    Returns:
+        ``t`` unchanged.
+
+    Reference: ``diffusionopd``.
+    """
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(what, step=step)
     return t
@@ -72,6 +89,10 @@ def check_finite(t: Tensor, what: str, step: Optional[int] = None) -> Tensor:
 @dataclass(frozen=True)
 class Transition:
     r"""One stored step :math:`x_n \to x_{n+1}` of a :class:`Trajectory`, to re-evaluate with gradient.
+
+    .. math:: x_{n+1} = c_x x_n + c_v v_{old} + s\,\varepsilon_n
+
+    Reference: ``flowgrpo`` (stored transitions).
 
     Attributes:
         index: the step index ``n``.
@@ -101,6 +122,10 @@ class Transition:
 @dataclass(frozen=True)
 class Trajectory:
     r"""A batch of ``B`` rollouts of ``N`` steps, as drawn (no autograd graph unless asked for).
+
+    .. math:: \log\pi(x_{n+1}|x_n) = -\tfrac12\|\varepsilon_n\|^2 - D\log s_n - \tfrac D2\log 2\pi
+
+    Reference: ``flowgrpo``, ``diffusionopd``.
 
     Attributes:
         states: ``(N + 1, B, *event)`` :math:`x_0, \dots, x_N` (``states[-1]`` is the sample).

@@ -117,7 +117,11 @@ class UpdateSpec:
 
 @dataclass(frozen=True)
 class DistillTask:
-    """One distillation task of an update: its teacher adapter and this process's rollout batches.
+    r"""One distillation task of an update: its teacher adapter and this process's rollout batches.
+
+    .. math:: L_k = \textstyle\sum_b w_b\,\frac1{B_b}\sum_{i\in b}\sum_{n\in\mathcal T}\ell_n
+
+    Reference: ``diffusionopd``.
 
     Attributes:
         teacher: the teacher's adapter name.
@@ -134,6 +138,10 @@ class DistillTask:
 class AdvantageSpec:
     r"""The group-advantage normaliser :math:`A = (r - \bar r)/(\mathrm{std}_{ddof} + \epsilon)`,
     optionally clipped to :math:`[-c, c]` (Flow-GRPO clips to 5).
+
+    .. math:: A = \mathrm{clip}\big((r - \bar r)/(\mathrm{std}_{ddof}(r) + \epsilon), -c, c\big)
+
+    Reference: ``flowgrpo``.
 
     Args:
         ddof: 0 (Flow-GRPO) or 1.
@@ -165,6 +173,8 @@ def policy_rollout(policy: Policy, adapter: Optional[str], batch: RolloutBatch, 
 
     Returns:
         :class:`~opd_ref.engine.trajectory.Trajectory`.
+
+    Reference: ``diffusionopd`` (student rollouts).
     """
     x0 = initial_noise(policy, batch)
     with torch.no_grad(), policy.active(adapter):
@@ -198,6 +208,8 @@ def optimizer_step(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.
 
     Returns:
         the gradient norm.
+
+    Reference: ``flowgrpo`` (gradient clipping), ``diffusionopd``.
     """
     for p in params:
         if p.grad is None:

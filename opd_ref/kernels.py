@@ -6,7 +6,9 @@ Notation map (paper symbol -> name here): :math:`x_\sigma` -> ``x``, :math:`v_\t
 ``noise_level``, :math:`\Delta t = \sigma_{next} - \sigma < 0` -> ``dt``.
 
 Convention (DESIGN.md §1): ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``,
-sampling runs sigma: 1 -> 0.  Every kernel is Gaussian ``N(mean(x, v), std^2 I)`` whose std does not
+sampling runs sigma: 1 -> 0.  Half-precision (bf16/fp16) states or velocities are computed on in
+float32, so the coefficients never take the rounding of a bf16 sigma (the mean is then float32).
+Every kernel is Gaussian ``N(mean(x, v), std^2 I)`` whose std does not
 depend on the state or on the model, so student and teacher kernels taken at the same state share
 their covariance and their KL is closed form (D1).
 """
@@ -58,7 +60,9 @@ class GaussianStep:
         mean: ``(B, *event)`` kernel mean.
         std: standard deviation, a float or a tensor broadcastable to ``mean`` (typically
             ``(B, 1, ..., 1)``); it may be zero (a deterministic step), in which case the step has no
-            density.
+            density.  A 1-D std always means one std per sample: ``(B,)`` is stored as
+            ``(B, 1, ..., 1)`` (for per-dimension stds pass ``(1, *event)``), so every function reads
+            it the same way.
 
     Reference: ``diffusionopd`` (Gaussian transition kernels of the SDE sampler).
     """
@@ -74,6 +78,14 @@ class GaussianStep:
                 self, "std", torch.tensor(float(self.std), dtype=self.mean.dtype, device=self.mean.device)
             )
         check_tensor("GaussianStep.std", self.std, min_dim=0)
+        if self.std.dim() == 1 and self.mean.dim() > 1:
+            if self.std.shape[0] != self.mean.shape[0]:
+                raise ValueError(
+                    f"GaussianStep.std of shape {tuple(self.std.shape)} is ambiguous: a 1-D std is one std per "
+                    f"sample and needs shape ({self.mean.shape[0]},) for mean {tuple(self.mean.shape)}; pass "
+                    f"per-dimension stds as (1, *event)"
+                )
+            object.__setattr__(self, "std", self.std.reshape((-1,) + (1,) * (self.mean.dim() - 1)))
         try:
             shape = torch.broadcast_shapes(self.std.shape, self.mean.shape)
         except RuntimeError:
@@ -108,6 +120,10 @@ def _prepare(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, allo
     x = check_tensor("x", x)
     v = check_tensor("v", v)
     check_same_shape("x", x, "v", v)
+    if x.dtype in (torch.float16, torch.bfloat16) or v.dtype in (torch.float16, torch.bfloat16):
+        # the coefficients (sigma, std_t, sqrt|dt|) are computed in float32 at least: in bf16 a sigma
+        # of 0.995 rounds to 0.9961 and the SDE std of the step 0.995 -> 0.99 is off by 41 %
+        x, v = x.to(torch.promote_types(x.dtype, torch.float32)), v.to(torch.promote_types(v.dtype, torch.float32))
     s = as_batch_tensor("sigma", sigma, x)
     sn = as_batch_tensor("sigma_next", sigma_next, x)
     check_sigma_pair(s, sn, allow_one=allow_one)

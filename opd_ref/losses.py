@@ -125,12 +125,35 @@ def ppo_surrogate_loss(
     log_prob = check_batch_vector("log_prob", log_prob)
     old_log_prob = check_batch_vector("old_log_prob", old_log_prob, log_prob.shape[0])
     advantage = check_batch_vector("advantage", advantage, log_prob.shape[0])
-    ratio = torch.exp(log_prob - old_log_prob.detach())
+    return clipped_surrogate(log_prob - old_log_prob.detach(), advantage, clip_range)
+
+
+def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional[float]) -> Tensor:
+    r"""The PPO formula on validated inputs (no checks): the engine's GRPO objective calls it too.
+
+    .. math::
+        \ell = -\min\big(rA,\ \mathrm{clip}(r, 1-\epsilon, 1+\epsilon)A\big),\qquad r = e^{\log r},
+        \qquad \ell = 0 \text{ where } A = 0
+
+    A zero advantage (a group whose rewards are all equal) gives exactly 0, also where the ratio
+    overflows (``inf * 0`` would be NaN).
+
+    Args:
+        log_ratio: ``(B,)`` :math:`\log\pi_\theta - \log\pi_{old}` (with grad).
+        advantage: ``(B,)``.
+        clip_range: :math:`\epsilon` or ``None``.
+
+    Returns:
+        ``(B,)``.
+
+    Reference: ``flowgrpo``.
+    """
+    # where A = 0 the log-ratio is masked *before* exp, so neither the value nor the gradient sees inf * 0
+    ratio = torch.exp(torch.where(advantage == 0, torch.zeros_like(log_ratio), log_ratio))
     unclipped = ratio * advantage
     if clip_range is None:
         return -unclipped
-    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage
-    return -torch.minimum(unclipped, clipped)
+    return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
 
 
 def deterministic_limit_weight(sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:

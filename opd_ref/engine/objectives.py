@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from opd_ref.engine.kernel import StepCoefficients
+from opd_ref.losses import clipped_surrogate
 
 __all__ = [
     "StepInputs",
@@ -270,19 +271,10 @@ def _vopd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
 
 
 # ------------------------------------------------------------------------------------ RL
-def _clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional[float]) -> Tensor:
-    r""":math:`-\min(rA, \mathrm{clip}(r, 1-\epsilon, 1+\epsilon)A)` with :math:`r = e^{\log r}`."""
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantage
-    if clip_range is None:
-        return -unclipped
-    return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
-
-
 @register("grpo", "rl", ("sde", "cps"), "Flow-GRPO: clipped ratio on group advantages + beta KL to the reference")
 def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
     log_ratio = i.log_ratio_old()
-    loss = _clipped_surrogate(log_ratio, i.advantage, spec.clip_range)
+    loss = clipped_surrogate(log_ratio, i.advantage, spec.clip_range)
     ratio = torch.exp(log_ratio.detach())
     stats = {"ratio": ratio}
     if spec.clip_range is not None:

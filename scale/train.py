@@ -74,11 +74,11 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     def make_optimizer(self, adapter: str) -> torch.optim.Optimizer:
-        """AdamW over ``adapter``'s LoRA parameters."""
+        """AdamW over ``adapter``'s LoRA parameters (multi-tensor ``foreach`` kernels also on CPU)."""
         cfg = self.cfg
         return torch.optim.AdamW(self.setup.policy.trainable_parameters(adapter), lr=cfg.learning_rate,
                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                                 eps=cfg.adam_eps)
+                                 eps=cfg.adam_eps, foreach=True)
 
     # ---- one update of each kind (the engine does the work) ------------------------------------
     def distill_update(self, phase: int, update: int) -> Dict[str, float]:

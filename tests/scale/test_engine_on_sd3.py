@@ -21,6 +21,7 @@ import torch
 
 from opd_ref import opd_kl_loss, same_cov_kl, sde_step
 from opd_ref.engine import AdvantageSpec, NonFiniteError, ObjectiveSpec, crd_update, distill_update, grpo_update, policy_rollout
+from scale.lora import switch_adapter
 from scale.pipeline import predict_velocity
 from scale.train import STUDENT, Trainer
 from scale.updates import ImageReward, distill_tasks, reward_groups
@@ -150,6 +151,9 @@ def test_stage1_loss_includes_beta_times_the_kl_to_the_reference(workspace, tmp_
 
 def _update_grads(trainer, kind):
     s = trainer.setup
+    # start from the reference (adapters disabled): an update must not depend on the adapter active
+    # before it, and a recomputed forward that saw the state at rest would see the reference
+    switch_adapter(s.transformer, None)
     if kind == "grpo":
         return _grpo(trainer, s.grpo_spec)[1]
     rec = GradRecorder(s.policy.trainable_parameters(STUDENT))

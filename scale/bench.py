@@ -1,15 +1,17 @@
 r"""``opd-scale bench``: the cost of the OPD update, measured as ratios within one run.
 
-1. **Overhead** = time of one OPD-KL update (:meth:`scale.train.Trainer.distill_update`) / the sum of
-   its unavoidable model calls, each timed alone at the same shapes:
+1. **Overhead** = time of one OPD-KL update (:meth:`scale.train.Trainer.distill_update`, i.e.
+   :func:`opd_ref.engine.distill_update`) / the sum of its unavoidable model calls, each timed alone at
+   the same shapes with its adapter already active (so adapter switching counts as overhead):
    :math:`K n (T\,t_{roll} + S\,t_{teacher} + S\,t_{fwd+bwd})` for :math:`K` tasks, :math:`n`
-   micro-batches, :math:`T` rollout steps and :math:`S` trained steps. Target <= 1.15.
+   micro-batches, :math:`T` rollout steps and :math:`S` trained steps. Target <= 1.05.
 2. **Memory** = peak memory of one update with 40 rollout steps / with 10, the same trained steps.
-   Target <= 1.1. The memory an update adds on top of the weights: on CUDA
+   Target <= 1.1; and the peak of the 10-step update with gradient checkpointing, which must be lower
+   than without. The memory an update adds on top of the weights: on CUDA
    ``torch.cuda.max_memory_allocated`` minus the memory allocated before the update; on CPU the peak
    bytes of live tensors created during the update (:class:`LiveTensorBytes`).
-3. **Cost per update** of OPD-KL, PPO-OPD and GRPO (stage 1, :math:`\beta > 0`) at equal rollouts (the
-   same number of trajectories of the same length and the same trained steps), relative to OPD-KL.
+3. **Cost per update** of OPD-KL, PPO-OPD and GRPO (stage 1, :math:`\beta > 0`; a group needs two
+   rollouts, so GRPO is compared per rollout), relative to OPD-KL.
 
 On CUDA it adds images/s of ODE sampling and an MFU estimate: FLOPs of one transformer forward counted
 by ``torch.utils.flop_counter.FlopCounterMode`` times the number of forwards (backward = 2 forwards),
@@ -20,7 +22,6 @@ Reference: ``diffusionopd`` (OPD cost vs GRPO), ``flowgrpo``.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 import time
@@ -217,7 +218,8 @@ class _Peak:
 
 def _setup(tmp: Path, model: Optional[str], resolution: Optional[int]) -> Dict[str, Any]:
     """Model (tiny if none), a perturbed teacher LoRA, prompt files."""
-    from scale.model import add_lora, load_pipeline, save_lora
+    from scale.lora import add_lora, save_lora
+    from scale.pipeline import load_pipeline
 
     if model is None:
         from scale.tiny import build_tiny_pipeline
@@ -239,7 +241,7 @@ def _setup(tmp: Path, model: Optional[str], resolution: Optional[int]) -> Dict[s
 def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, repeats: int = 3,
               micro_batch_size: int = 1, dtype: str = "auto", trained_steps: tuple = (0, 4, 8),
               peak_tflops: Optional[float] = None) -> Dict[str, Any]:
-    """Run the three measurements (and on CUDA images/s and MFU) and return them as a dict.
+    """Run the measurements (and on CUDA images/s and MFU) and return them as a dict.
 
     Args:
         model: pipeline directory; ``None`` builds the tiny pipeline in a temporary directory.
@@ -253,9 +255,10 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
     Returns:
         dict of measurements, ratios and the methods used.
     """
+    from opd_ref.engine import KernelSpec, RolloutBatch, policy_rollout
     from scale.config import ScaleConfig
-    from scale.model import _adapter_active
     from scale.train import STUDENT, Trainer
+    from scale.updates import condition
 
     results: Dict[str, Any] = {"repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="opd_bench_") as tmpdir:
@@ -267,99 +270,107 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
                     max_sequence_length=32, checkpoint_every=0, sample_every=0, lora_rank=8, lora_alpha=16)
         counter = iter(range(10**6))
 
-        def make(**over) -> Trainer:
-            return Trainer(ScaleConfig(**{**base, **over, "output_dir": str(tmp / f"run{next(counter)}")}))
+        def make(adapter: str = STUDENT, **over) -> Trainer:
+            trainer = Trainer(ScaleConfig(**{**base, **over, "output_dir": str(tmp / f"run{next(counter)}")}))
+            trainer.optimizer = trainer.make_optimizer(adapter)
+            return trainer
 
         tr = make()
-        dev = tr.device
+        s = tr.setup
+        policy, dev = s.policy, s.device
         results["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-        results["dtype"] = str(tr.dtype)
+        results["dtype"] = str(policy.dtype)
         results["resolution"] = env["resolution"]
         results["rollout_steps"] = tr.cfg.num_steps
-        results["trained_steps"] = list(tr.trained)
+        results["trained_steps"] = list(s.spec.trained_steps)
         results["micro_batch_size"] = micro_batch_size
 
         # ---- 1. overhead and 3. cost per update, timed in interleaved rounds ---------------
-        embeds = tr._embeds([tr.tasks[0].prompts[0]] * micro_batch_size)
-        x = torch.randn((micro_batch_size,) + tr.latent_shape, device=dev)
-        sigma = tr.sigmas[1].expand(micro_batch_size).clone()
-        params = tr.adapter_parameters(STUDENT)
+        cond = condition(s, [s.tasks[0].prompts[0]] * micro_batch_size)
+        x = torch.randn((micro_batch_size,) + policy.event_shape, device=dev)
+        sigma = float(s.sigmas[1])
+        params = policy.trainable_parameters(STUDENT)
         calls = 10
 
-        def no_grad_calls(adapter, hold: bool = False):
-            # hold=True: the adapter stays active over the calls, as in a rollout (scale.rollout.rollout
-            # switches it once per trajectory); teacher calls in an update each switch on their own
+        def no_grad_calls(adapter):
+            # the adapter is switched before the timed calls: the floor is pure model time
             def fn():
-                with torch.no_grad(), (_adapter_active(tr.transformer, adapter) if hold else contextlib.nullcontext()):
+                with torch.no_grad(), policy.active(adapter):
                     for _ in range(calls):
-                        tr.velocity(x, sigma, embeds, adapter)
+                        policy.velocity(x, sigma, cond)
             return fn
 
         def fwd_bwd():
-            for _ in range(calls):
-                v = tr.velocity(x, sigma, embeds, STUDENT)
-                v.square().sum().backward()
+            with policy.active(STUDENT):
+                for _ in range(calls):
+                    policy.velocity(x, sigma, cond).square().sum().backward()
             for p in params:
                 p.grad = None
 
         # GRPO: one prompt x group_size = the same number of rollouts, KL to the reference on
         tr_ppo = make(loss="ppo_opd")
-        tr_grpo = make(stage1_steps=1, teacher_loras=[""], rewards=["brightness"], group_size=micro_batch_size,
-                       batch_size=1, kl_beta=0.04, distill_steps=0)
+        tr_grpo = make("teacher_0", stage1_steps=1, teacher_loras=[""], rewards=["brightness"],
+                       group_size=max(2, micro_batch_size), batch_size=1, kl_beta=0.04, distill_steps=0)
         counters = {name: iter(range(10**6)) for name in ("opd", "ppo", "grpo")}
         med = _interleaved_medians({
-            "opd_kl_update": lambda: tr.distill_update(next(counters["opd"])),
-            "ppo_opd_update": lambda: tr_ppo.distill_update(next(counters["ppo"])),
+            "opd_kl_update": lambda: tr.distill_update(0, next(counters["opd"])),
+            "ppo_opd_update": lambda: tr_ppo.distill_update(0, next(counters["ppo"])),
             "grpo_update": lambda: tr_grpo.grpo_update(0, 0, next(counters["grpo"])),
-            "rollout_forwards": no_grad_calls(STUDENT, hold=True),
-            "teacher_forwards": no_grad_calls(tr.tasks[0].adapter),
+            "rollout_forwards": no_grad_calls(STUDENT),
+            "teacher_forwards": no_grad_calls(s.tasks[0].adapter),
             "student_forward_backward": fwd_bwd,
         }, dev, repeats)
         t_update = med["opd_kl_update"]
         t_roll, t_teacher, t_fb = (med[k] / calls for k in ("rollout_forwards", "teacher_forwards",
                                                              "student_forward_backward"))
         n_micro = tr.cfg.batch_size // tr.cfg.micro_batch_size
-        T, S = tr.cfg.num_steps, len(tr.trained)
-        floor = len(tr.tasks) * n_micro * (T * t_roll + S * (t_teacher + t_fb))
+        T, S = tr.cfg.num_steps, len(s.spec.trained_steps)
+        floor = len(s.tasks) * n_micro * (T * t_roll + S * (t_teacher + t_fb))
         results["overhead"] = {
             "update_s": t_update, "rollout_forward_s": t_roll, "teacher_forward_s": t_teacher,
             "student_forward_backward_s": t_fb, "sum_of_model_calls_s": floor, "ratio": t_update / floor,
-            "target": 1.15,
+            "target": 1.05,
         }
+        grpo_rollouts = tr_grpo.cfg.group_size
         results["cost_per_update"] = {
             "opd_kl_s": t_update, "ppo_opd_s": med["ppo_opd_update"], "grpo_s": med["grpo_update"],
-            "ppo_opd_over_opd_kl": med["ppo_opd_update"] / t_update, "grpo_over_opd_kl": med["grpo_update"] / t_update,
-            "rollouts_per_update": micro_batch_size * len(tr.tasks),
+            "ppo_opd_over_opd_kl": med["ppo_opd_update"] / t_update,
+            "grpo_over_opd_kl_per_rollout": (med["grpo_update"] / grpo_rollouts) / (t_update / micro_batch_size),
+            "rollouts_per_update": {"opd_kl": micro_batch_size * len(s.tasks), "grpo": grpo_rollouts},
         }
         del tr_ppo, tr_grpo
 
-        # ---- 2. memory: 40 vs 10 rollout steps, same trained steps -------------------------
+        # ---- 2. memory: 40 vs 10 rollout steps; 10 steps with gradient checkpointing -------
         mem = {}
-        for steps in (10, 40):
-            trm = make(num_steps=steps)
-            trm.distill_update(0)  # warm-up (optimizer state allocated)
+        for key, over in (("10", {}), ("40", {"num_steps": 40}), ("10_ckpt", {"gradient_checkpointing": True})):
+            trm = make(**over)
+            trm.distill_update(0, 0)  # warm-up (optimizer state allocated)
             with _Peak(dev) as peak:
-                trm.distill_update(1)
-            mem[steps] = peak
+                trm.distill_update(0, 1)
+            mem[key] = peak
             del trm
         results["memory"] = {
-            "method": mem[10].method,
-            "peak_bytes_10": mem[10].working, "peak_bytes_40": mem[40].working,
-            "ratio_40_over_10": mem[40].working / mem[10].working,
-            "target": 1.1,
+            "method": mem["10"].method,
+            "peak_bytes_10": mem["10"].working, "peak_bytes_40": mem["40"].working,
+            "ratio_40_over_10": mem["40"].working / mem["10"].working, "target": 1.1,
+            "peak_bytes_10_gradient_checkpointing": mem["10_ckpt"].working,
+            "ratio_checkpointing_over_plain": mem["10_ckpt"].working / mem["10"].working,
         }
 
         # ---- GPU only: images/s and MFU --------------------------------------------------
         if dev.type == "cuda":
-            cfg = tr.transformer.config
-            text_len = int(embeds.prompt_embeds.shape[1])
-            flops_fwd = count_forward_flops(tr.transformer, 2 * micro_batch_size, tr.latent_shape[1], text_len,
-                                            int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim),
-                                            device=dev, dtype=tr.dtype)
+            cfg = s.transformer.config
+            flops_fwd = count_forward_flops(s.transformer, 2 * micro_batch_size, policy.event_shape[1],
+                                            int(cond.hidden.shape[1]), int(cfg.joint_attention_dim),
+                                            int(cfg.pooled_projection_dim), device=dev, dtype=policy.dtype)
             peak = (peak_tflops or 989.0) * 1e12
-            sample_s = _interleaved_medians(
-                {"s": lambda: tr.rollout(embeds, micro_batch_size, tr.generator(5), STUDENT, kernel="ode")}, dev, repeats)["s"]
-            update_flops = len(tr.tasks) * n_micro * flops_fwd * (T + S * (1 + 3))  # rollout + teacher + fwd/bwd
+
+            def sample():
+                batch = RolloutBatch(cond, micro_batch_size, torch.Generator(device=dev).manual_seed(5))
+                policy_rollout(policy, STUDENT, batch, s.sigmas, KernelSpec("ode"))
+
+            sample_s = _interleaved_medians({"s": sample}, dev, repeats)["s"]
+            update_flops = len(s.tasks) * n_micro * flops_fwd * (T + S * (1 + 3))  # rollout + teacher + fwd/bwd
             results["gpu"] = {
                 "images_per_s": micro_batch_size / sample_s,
                 "cfg_forward_flops": flops_fwd,

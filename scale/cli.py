@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the run checkpointed and can be resumed
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``opd-scale`` argument parser (subcommands build-tiny, train, sample, bench)."""
+    from opd_ref.engine import KERNEL_KINDS
     from scale.config import ScaleConfig
 
     parser = argparse.ArgumentParser(prog="opd-scale", description=__doc__.split("\n\n")[0])
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=4.5)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kernel", default="ode", choices=["ode", "sde", "cps"])
+    p.add_argument("--kernel", default="ode", choices=list(KERNEL_KINDS))
     p.add_argument("--noise-level", type=float, default=0.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-sequence-length", type=int, default=256)
@@ -105,8 +106,11 @@ def _device_dtype(name: str):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from scale.model import PromptCache, load_lora, load_pipeline
-    from scale.train import read_prompts, sample_images, save_grid
+    from scale.io import sample_images, save_grid
+    from scale.lora import load_lora
+    from scale.pipeline import load_pipeline
+    from scale.setup import read_prompts
+    from scale.text import PromptCache
 
     prompts = list(args.prompt)
     if args.prompts:

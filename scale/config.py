@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping
 
-from scale.model import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
+from opd_ref.engine import KERNEL_KINDS, KL_FORMS, OBJECTIVES, KernelSpec
+from scale.lora import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
 
 __all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value"]
 
-KERNELS = ("sde", "cps", "ode")
-LOSSES = ("opd_kl", "ode", "ppo_opd", "crd")
-KL_FORMS = ("exact", "flowgrpo")
+#: stage-2 losses: the engine's distillation objectives, and CRD (the student on the task rewards)
+LOSSES = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("distill", "crd"))
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -43,11 +43,11 @@ class ScaleConfig:
     # ---- sampler (rollouts) -----------------------------------------------------------------
     resolution: int = 512  # image side in pixels (Flow-GRPO / DiffusionOPD SD3.5-Medium: 512)
     num_steps: int = 10  # rollout steps on the scheduler's sigma grid (Flow-GRPO training sampler: 10)
-    kernel: str = "sde"  # transition kernel of the rollouts: sde (Flow-GRPO), cps, or ode (a = 0)
+    kernel: str = "sde"  # transition kernel of the rollouts (opd_ref.engine.KERNEL_KINDS): sde (Flow-GRPO), cps, ode
     noise_level: float = 0.7  # SDE noise level a (Flow-GRPO: 0.7); ignored by the ode kernel
     guidance_scale: float = 4.5  # classifier-free guidance for student, teachers and reference (4.5)
     max_sequence_length: int = 128  # T5 tokens per prompt (Flow-GRPO uses 128 for SD3.5)
-    train_steps: List[int] = field(default_factory=list)  # rollout step indices trained; [] = all steps
+    train_steps: List[int] = field(default_factory=list)  # rollout step indices trained; [] = every stochastic step
 
     # ---- LoRA ---------------------------------------------------------------------------------
     lora_rank: int = 32  # LoRA rank r (Flow-GRPO / DiffusionOPD: 32)
@@ -71,13 +71,13 @@ class ScaleConfig:
     group_size: int = 16  # rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)
     clip_range: float = 1e-4  # PPO ratio clip epsilon (Flow-GRPO: 1e-4)
     kl_beta: float = 0.04  # weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)
-    kl_form: str = "exact"  # exact = opd_ref.same_cov_kl (true per-step KL); flowgrpo = public code's form
+    kl_form: str = "exact"  # exact = the true per-step KL; flowgrpo = Flow-GRPO code's form (mean over dims, no |dt|)
     adv_eps: float = 1e-4  # epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)
     ppo_epochs: int = 1  # optimisation passes over each rollout batch (ratio != 1 only when > 1)
 
     # ---- stage 2: multi-teacher on-policy distillation ------------------------------------
     distill_steps: int = 100  # stage-2 updates; one update = one round-robin cycle over all tasks
-    loss: str = "opd_kl"  # opd_kl (closed-form SDE KL), ode (transition matching), ppo_opd, crd
+    loss: str = "opd_kl"  # engine method: opd_kl (closed-form KL), opd_ode (ODE matching), ppo_opd, k1, vopd, crd
     tasks: List[str] = field(default_factory=list)  # task names (one teacher LoRA per task)
     prompt_files: List[str] = field(default_factory=list)  # per task: text file, one prompt per line
     teacher_loras: List[str] = field(default_factory=list)  # per task: diffusers LoRA file/dir ("" = stage 1)
@@ -116,31 +116,23 @@ class ScaleConfig:
             val = getattr(self, key)
             if not (math.isfinite(val) and val > 0):
                 raise ValueError(f"config {key} must be a finite number > 0, got {val!r}")
-        for key, allowed in (("kernel", KERNELS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES)):
+        if self.loss == "ode":
+            raise ValueError("config loss 'ode' is now called 'opd_ode' (the engine's method name)")
+        for key, allowed in (("kernel", KERNEL_KINDS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.kernel != "ode" and not (0 < self.noise_level and (self.kernel != "cps" or self.noise_level <= 1)):
-            raise ValueError(
-                f"config noise_level must be > 0 for kernel {self.kernel!r} (<= 1 for cps), got {self.noise_level!r}"
-            )
-        if self.loss in ("opd_kl", "ppo_opd", "crd") and self.kernel == "ode":
-            raise ValueError(f"config loss {self.loss!r} needs a stochastic kernel (sde or cps), got kernel 'ode'")
-        if self.loss == "ode" and self.kernel != "ode":
-            raise ValueError(f"config loss 'ode' (transition matching) needs kernel 'ode', got {self.kernel!r}")
+        try:
+            self.kernel_spec()
+        except ValueError as err:
+            raise ValueError(f"config kernel {self.kernel!r} / noise_level {self.noise_level!r}: {err}") from None
+        if self.kernel not in OBJECTIVES[self.loss].kernels:
+            raise ValueError(f"config loss {self.loss!r} needs kernel in {OBJECTIVES[self.loss].kernels}, "
+                             f"got kernel {self.kernel!r}")
         for idx in self.train_steps:
             if not 0 <= idx < self.num_steps:
                 raise ValueError(f"config train_steps entries must lie in [0, num_steps={self.num_steps}), got {idx}")
         if len(set(self.train_steps)) != len(self.train_steps):
             raise ValueError(f"config train_steps has duplicates: {self.train_steps}")
-        if self.kernel == "cps" and self.num_steps < 2:
-            raise ValueError(f"config num_steps must be >= 2 for kernel 'cps' (its last step is deterministic), got {self.num_steps}")
-        if self.kernel == "cps" and (self.num_steps - 1) in self.train_steps:
-            # CPS's std is sigma_next sin(a pi / 2): 0 on the last step (sigma_next = 0), which is
-            # deterministic and has neither a log-prob nor a closed-form KL.
-            raise ValueError(
-                f"config train_steps contains the last step {self.num_steps - 1}, which is deterministic "
-                "under the cps kernel (sigma_next = 0 gives std 0); drop it or use kernel 'sde'"
-            )
         n = len(self.tasks)
         if len(self.heldout_prompt_files) not in (0, 1, n):
             raise ValueError(
@@ -154,13 +146,10 @@ class ScaleConfig:
             raise ValueError(f"config tasks must be distinct names, got {self.tasks}")
         return self
 
-    def trained_step_indices(self) -> List[int]:
-        """The rollout step indices that are trained, sorted. When ``train_steps`` is empty: all
-        steps, except the last one under the cps kernel (it is deterministic: std 0 at sigma_next = 0)."""
-        if self.train_steps:
-            return sorted(self.train_steps)
-        last = self.num_steps - 1 if self.kernel == "cps" else self.num_steps
-        return list(range(last))
+    def kernel_spec(self) -> KernelSpec:
+        """The rollout kernel: ``kernel`` and ``noise_level`` with Flow-GRPO's sigma = 1 rule (the SD3
+        grid starts at 1)."""
+        return KernelSpec(self.kernel, self.noise_level, "flowgrpo")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of every field."""

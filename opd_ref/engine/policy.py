@@ -72,12 +72,15 @@ class RolloutBatch:
         generator: draws the initial noise and then the step noise (on the policy's device).
         weight: this batch's share :math:`w_b` of its task's (or group set's) sample average,
             :math:`\sum_b w_b = 1` over all batches of the task on all processes (e.g. ``B / total``).
+        meta: what a reward needs besides the final states (e.g. the ``B`` prompts); the engine
+            passes it on untouched (``reward(final_states, batch)`` reads ``batch.meta``).
     """
 
     cond: Any
     size: int
     generator: Optional[torch.Generator] = None
     weight: float = 1.0
+    meta: Any = None
 
 
 def initial_noise(policy: Policy, batch: RolloutBatch) -> Tensor:

@@ -181,6 +181,15 @@ def policy_rollout(policy: Policy, adapter: Optional[str], batch: RolloutBatch, 
         return rollout(lambda x, s: policy.velocity(x, s, batch.cond), x0, sigmas, kernel, batch.generator)
 
 
+def _task_rollout(policy: Policy, adapter: Optional[str], batch: RolloutBatch, spec: "UpdateSpec",
+                  task: Optional[int]) -> Trajectory:
+    """:func:`policy_rollout`; a :class:`NonFiniteError` it raises also names the task."""
+    try:
+        return policy_rollout(policy, adapter, batch, spec.sigmas, spec.kernel)
+    except NonFiniteError as err:
+        raise err.at(task=task) from None
+
+
 def _velocity(policy: Policy, adapter: Optional[str], x: Tensor, sigma: float, cond: Any) -> Tensor:
     with torch.no_grad(), policy.active(adapter):
         return policy.velocity(x, sigma, cond)
@@ -271,7 +280,7 @@ def distill_update(
     for k, task in enumerate(tasks):
         name = task.name or str(k)
         for batch in task.batches:
-            traj = policy_rollout(policy, student, batch, spec.sigmas, spec.kernel)
+            traj = _task_rollout(policy, student, batch, spec, k)
             w = batch.weight / K
             for n in spec.trained_steps:
                 tr = traj.transition(n)
@@ -299,10 +308,10 @@ def _rewards(reward: Reward, traj: Trajectory, batch: RolloutBatch) -> Tensor:
     return r.to(torch.float64)
 
 
-def _group_rollouts(policy, adapter, groups, reward, spec, adv: AdvantageSpec):
+def _group_rollouts(policy, adapter, groups, reward, spec, adv: AdvantageSpec, task: Optional[int] = None):
     out = []
     for group in groups:
-        trajs = [policy_rollout(policy, adapter, b, spec.sigmas, spec.kernel) for b in group]
+        trajs = [_task_rollout(policy, adapter, b, spec, task) for b in group]
         r = torch.cat([_rewards(reward, t, b) for t, b in zip(trajs, group)])
         a = adv(r).split([b.size for b in group])
         out.append((group, trajs, r, a))
@@ -430,7 +439,7 @@ def crd_update(
     stats: Dict[str, float] = defaultdict(float)
     for k, (groups, reward) in enumerate(tasks):
         name = names[k] if k < len(names) else str(k)
-        for group, trajs, r, _a in _group_rollouts(policy, student, groups, reward, spec, AdvantageSpec()):
+        for group, trajs, r, _a in _group_rollouts(policy, student, groups, reward, spec, AdvantageSpec(), k):
             gw = sum(b.weight for b in group)
             # pass 1 (no grad): reference velocities and per-step log-ratios at theta_old
             v_refs: List[List[Tensor]] = []

@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture()
 def tiny_pipe(tiny_model_dir):
     """A fresh float32 CPU pipeline per test (tests add adapters to its transformer)."""
-    from scale.model import load_pipeline
+    from scale.pipeline import load_pipeline
 
     return load_pipeline(tiny_model_dir)
 
@@ -36,7 +36,7 @@ def tiny_pipe(tiny_model_dir):
 @pytest.fixture()
 def embeds(tiny_pipe):
     """Cached CFG embeddings of two prompts (T5 sequence length 8)."""
-    from scale.model import PromptCache
+    from scale.text import PromptCache
 
     return PromptCache(tiny_pipe, max_sequence_length=8, guidance=True).encode(["a red cat", "a blue dog"])
 

@@ -12,7 +12,7 @@ from tests.scale.train_helpers import read_metrics, tiny_config, workspace  # no
 
 
 def test_build_tiny_writes_a_loadable_pipeline(tmp_path):
-    from scale.model import load_pipeline
+    from scale.pipeline import load_pipeline
 
     assert main(["build-tiny", str(tmp_path / "tiny"), "--seed", "1"]) == 0
     assert (tmp_path / "tiny" / "model_index.json").is_file()

@@ -16,7 +16,7 @@ def test_defaults_are_the_sd35_medium_recipe():
     assert (cfg.resolution, cfg.num_steps, cfg.noise_level, cfg.guidance_scale) == (512, 10, 0.7, 4.5)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.kernel, cfg.loss) == (32, 64, "sde", "opd_kl")
     assert cfg.lora_targets == FLOW_GRPO_TARGETS and len(FLOW_GRPO_TARGETS) == 8
-    assert cfg.trained_step_indices() == list(range(10))
+    assert cfg.train_steps == [] and cfg.kernel_spec().sigma_one == "flowgrpo"
 
 
 def test_every_field_has_a_comment():
@@ -40,7 +40,7 @@ def test_json_and_toml_files_and_overrides(tmp_path):
     c = load_config(js, ["num_steps=6", "tasks=x,y,z", 'train_steps=[0, 2]', "learning-rate=1e-3",
                          "gradient_checkpointing=false"])
     assert (c.num_steps, c.tasks, c.train_steps, c.learning_rate) == (6, ["x", "y", "z"], [0, 2], 1e-3)
-    assert c.gradient_checkpointing is False and c.trained_step_indices() == [0, 2]
+    assert c.gradient_checkpointing is False
     assert apply_overrides(c, {"tasks": []}).tasks == []
     # a saved config loads back identical
     assert load_config(c.save(tmp_path / "back.json")) == c
@@ -68,7 +68,9 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, where):
         ("kernel=euler", "kernel"),
         ("noise_level=0", "noise_level"),
         ("learning_rate=nan", "learning_rate"),
-        ("loss=ode", "kernel"),
+        ("loss=opd_ode", "kernel"),
+        ("loss=ode", "opd_ode"),
+        ("loss=grpo", "loss"),
         ("train_steps=[0, 10]", "train_steps"),
         ("train_steps=[1, 1]", "duplicates"),
         ("gradient_checkpointing=maybe", "gradient_checkpointing"),
@@ -103,12 +105,18 @@ def test_bad_files(tmp_path):
     assert parse_value("lora_targets", "attn.to_q") == ["attn.to_q"]
 
 
-def test_cps_last_step_is_not_trained():
-    """CPS's std is sigma_next sin(a pi/2): 0 on the last step, which then has no KL or log-prob."""
-    cfg = ScaleConfig(kernel="cps", noise_level=0.5, num_steps=4).validate()
-    assert cfg.trained_step_indices() == [0, 1, 2]
-    assert ScaleConfig(kernel="sde", num_steps=4).validate().trained_step_indices() == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="deterministic"):
-        ScaleConfig(kernel="cps", noise_level=0.5, num_steps=4, train_steps=[1, 3]).validate()
-    with pytest.raises(ValueError, match="num_steps"):
-        ScaleConfig(kernel="cps", noise_level=0.5, num_steps=1).validate()
+def test_loss_names_are_the_engine_methods():
+    """Stage-2 losses are the engine's distillation methods plus CRD, each checked against its kernels."""
+    from opd_ref.engine import OBJECTIVES
+
+    from scale.config import LOSSES
+
+    assert set(LOSSES) == {"opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "crd"}
+    for loss in LOSSES:
+        for kernel in ("sde", "cps", "ode"):
+            cfg = ScaleConfig(loss=loss, kernel=kernel, noise_level=0.5)
+            if kernel in OBJECTIVES[loss].kernels:
+                cfg.validate()
+            else:
+                with pytest.raises(ValueError, match="kernel"):
+                    cfg.validate()

@@ -7,17 +7,9 @@ import json
 import pytest
 import torch
 
-from scale.model import (
-    FLOW_GRPO_TARGETS,
-    PromptCache,
-    PromptEmbeds,
-    add_lora,
-    load_lora,
-    load_pipeline,
-    lora_parameters,
-    predict_velocity,
-    save_lora,
-)
+from scale.lora import FLOW_GRPO_TARGETS, add_lora, load_lora, lora_parameters, save_lora
+from scale.pipeline import load_pipeline, predict_velocity
+from scale.text import PromptCache, PromptEmbeds
 
 
 def _sigma(b: int, value: float = 0.6) -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from opd_ref import ode_matching_loss, ode_step, opd_kl_loss, sde_step
-from scale.model import predict_velocity
-from scale.rollout import rollout
+from opd_ref.engine import KernelSpec, RolloutBatch, policy_rollout
+from scale.pipeline import model_inputs, predict_velocity
 from scale.train import STUDENT, Trainer
 from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
     lora_file_tensors,
@@ -21,34 +21,35 @@ from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
 )
 
 
-@pytest.mark.parametrize("loss,kernel", [("opd_kl", "sde"), ("ppo_opd", "sde"), ("ode", "ode")])
+@pytest.mark.parametrize("loss,kernel", [("opd_kl", "sde"), ("ppo_opd", "sde"), ("opd_ode", "ode")])
 def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_path, loss, kernel):
-    """The trainer's per-sample loss at every trained step equals opd_ref's loss recomputed here from
-    independently evaluated student and teacher velocities at the stored state (the student before
+    """The per-sample loss at every trained step of a run equals opd_ref's public loss recomputed here
+    from independently evaluated student and teacher velocities at the stored state (the student before
     the update: the optimizer steps only after the cycle). PPO-OPD's value at ratio 1 is -A = KL."""
     cfg = tiny_config(workspace, tmp_path / "run", loss=loss, kernel=kernel, distill_steps=1)
-    records = []
-    trainer = Trainer(cfg, step_hook=records.append)
-    tr = trainer.transformer
+    trainer = Trainer(cfg)
+    s = trainer.setup
+    tr = s.transformer
     checked = 0
     before = {n: p.detach().clone() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
 
-    def recompute(rec):
-        with torch.no_grad():
-            v_s = predict_velocity(tr, rec["x"], rec["sigma"], rec["embeds"], cfg.guidance_scale, STUDENT)
-            v_t = predict_velocity(tr, rec["x"], rec["sigma"], rec["embeds"], cfg.guidance_scale, f"teacher_{rec['task']}")
-        if loss == "ode":
-            return ode_matching_loss(ode_step(rec["x"], v_s, rec["sigma"], rec["sigma_next"]),
-                                     ode_step(rec["x"], v_t, rec["sigma"], rec["sigma_next"]))
-        step_s = sde_step(rec["x"], v_s, rec["sigma"], rec["sigma_next"], cfg.noise_level, sigma_one="flowgrpo")
-        step_t = sde_step(rec["x"], v_t, rec["sigma"], rec["sigma_next"], cfg.noise_level, sigma_one="flowgrpo")
-        return opd_kl_loss(step_s, step_t.mean)
-
     def hook(rec):
         nonlocal checked
-        # the hook runs before the optimizer step, so the student is still the pre-update one
-        expected = recompute(rec)
-        assert torch.allclose(rec["loss"], expected, rtol=1e-5, atol=1e-6), (rec["t"], rec["loss"], expected)
+        t = rec["transition"]
+        embeds = s.cache.encode(rec["batch"].meta)
+        b = t.x.shape[0]
+        sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
+        with torch.no_grad():
+            v_s = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
+            v_t = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+        if loss == "opd_ode":
+            expected = ode_matching_loss(ode_step(t.x, v_s, sigma, sigma_next), ode_step(t.x, v_t, sigma, sigma_next))
+        else:
+            step_s = sde_step(t.x, v_s, sigma, sigma_next, cfg.noise_level, sigma_one="flowgrpo")
+            step_t = sde_step(t.x, v_t, sigma, sigma_next, cfg.noise_level, sigma_one="flowgrpo")
+            expected = opd_kl_loss(step_s, step_t.mean)
+        # float32: opd_ref subtracts the two kernel means, the engine takes c_v (v_s - v_t)
+        assert torch.allclose(rec["loss"], expected, rtol=1e-4, atol=1e-6), (t.index, rec["loss"], expected)
         assert bool((expected > 0).all())  # teachers differ from the student: a non-trivial comparison
         checked += 1
 
@@ -66,7 +67,8 @@ def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces
     run = tmp_path / "run"
     cfg = tiny_config(workspace, run, heldout_prompt_files=[workspace["heldout"]], distill_steps=3, sample_every=2)
     trainer = Trainer(cfg)
-    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
+    s = trainer.setup
+    before = {n: p.detach().clone() for n, p in s.transformer.named_parameters()}
     result = trainer.run()
     assert result.status == "finished"
 
@@ -81,7 +83,7 @@ def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces
     assert [r["step"] for r in updates] == [1, 2, 3]
 
     # 2. only the student's LoRA parameters changed (base weights and teachers bit-identical)
-    after = dict(trainer.transformer.named_parameters())
+    after = dict(s.transformer.named_parameters())
     changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
     assert changed, "nothing trained"
     assert all(f".{STUDENT}." in n for n in changed), [n for n in changed if f".{STUDENT}." not in n][:3]
@@ -94,9 +96,8 @@ def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces
         assert (run / name).is_file(), name
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    embeds = trainer.cache.encode(["task 0 picture 1", "task 1 picture 2"])
-    gen = torch.Generator().manual_seed(3)
-    latents0 = torch.randn((2,) + trainer.latent_shape, generator=gen)
+    embeds = s.cache.encode(["task 0 picture 1", "task 1 picture 2"])
+    latents0 = torch.randn((2,) + s.policy.event_shape, generator=torch.Generator().manual_seed(3))
     kwargs = dict(prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
                   negative_prompt_embeds=embeds.negative_prompt_embeds,
                   negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds, num_inference_steps=cfg.num_steps,
@@ -104,8 +105,10 @@ def test_stage2_lowers_heldout_kl_changes_only_student_and_saved_lora_reproduces
     base_out = pipe(latents=latents0.clone(), **kwargs).images
     pipe.load_lora_weights(str(run / "student"))
     lora_out = pipe(latents=latents0.clone(), **kwargs).images
-    ours = rollout(trainer.transformer, embeds, trainer.sigmas, latents0.clone(), kernel="ode", noise_level=0.0,
-                   guidance_scale=cfg.guidance_scale, adapter=STUDENT).latents[-1]
+    # the engine's ODE rollout of the student from the same noise (a batch generator seeded alike)
+    batch = RolloutBatch(model_inputs(embeds, cfg.guidance_scale, torch.float32, "cpu"), 2,
+                         torch.Generator().manual_seed(3))
+    ours = policy_rollout(s.policy, STUDENT, batch, s.sigmas, KernelSpec("ode")).final
     gap = (lora_out - base_out).abs().max()
     assert gap > 1e-3, "the student LoRA should differ from the base"
     assert torch.allclose(lora_out, ours, atol=1e-5, rtol=1e-5), (lora_out - ours).abs().max()
@@ -122,11 +125,11 @@ def test_stage1_grpo_then_distill_runs_and_writes_teacher(workspace, tmp_path):
                       rewards=["brightness"], stage1_steps=2, group_size=2, batch_size=2, distill_steps=1,
                       num_steps=2, ppo_epochs=2, clip_range=0.2)
     trainer = Trainer(cfg)
-    t0 = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if ".teacher_0." in n}
+    t0 = {n: p.detach().clone() for n, p in trainer.setup.transformer.named_parameters() if ".teacher_0." in n}
     result = trainer.run()
     assert result.status == "finished"
     assert (run / "teachers" / "bright" / "pytorch_lora_weights.safetensors").is_file()
-    assert any(not torch.equal(t0[n], p.detach()) for n, p in trainer.transformer.named_parameters() if n in t0)
+    assert any(not torch.equal(t0[n], p.detach()) for n, p in trainer.setup.transformer.named_parameters() if n in t0)
     grpo = [r for r in read_metrics(run) if r.get("phase_name") == "grpo/bright"]
     assert [r["step"] for r in grpo] == [1, 2]
     assert all(0.0 <= r["reward"] <= 1.0 for r in grpo)
@@ -140,13 +143,13 @@ def test_crd_student_on_rewards_runs(workspace, tmp_path):
                       teacher_loras=[""], rewards=["brightness"], group_size=2, batch_size=1, distill_steps=2,
                       num_steps=2, crd_beta=0.5)
     trainer = Trainer(cfg)
-    s0 = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if f".{STUDENT}." in n}
+    s0 = {n: p.detach().clone() for n, p in trainer.setup.transformer.named_parameters() if f".{STUDENT}." in n}
     trainer.run()
     ups = [r for r in read_metrics(run) if r["event"] == "update"]
     assert len(ups) == 2 and all(r["loss"] >= 0 for r in ups)
     # at theta = theta_old = reference (lora_B = 0) the implicit reward is 0, the CRD loss is half the
     # centered reward variance; the gradient is not zero, so the student moves
-    moved = [n for n, p in trainer.transformer.named_parameters() if n in s0 and not torch.equal(s0[n], p.detach())]
+    moved = [n for n, p in trainer.setup.transformer.named_parameters() if n in s0 and not torch.equal(s0[n], p.detach())]
     assert moved
 
 
@@ -164,7 +167,8 @@ def _bad_lora(path):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing_model", "foreign_lora", "empty_prompts", "unknown_reward", "missing_lora"])
+@pytest.mark.parametrize("case", ["missing_model", "foreign_lora", "empty_prompts", "unknown_reward", "missing_lora",
+                                  "cps_deterministic_step", "group_of_one"])
 def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
     run = tmp_path / "run"
     over, err, match = {}, ValueError, None
@@ -181,6 +185,12 @@ def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
         over = {"teacher_loras": ["", workspace["teachers"][1]], "rewards": ["no_such_reward", ""], "stage1_steps": 1,
                 "group_size": 2}
         match = "no_such_reward"
+    elif case == "cps_deterministic_step":  # CPS's last step has std 0: no KL to train on
+        over, match = {"kernel": "cps", "noise_level": 0.5, "train_steps": [0, 2]}, "deterministic"
+    elif case == "group_of_one":  # group-normalised advantages need two rollouts per prompt
+        over = {"teacher_loras": ["", workspace["teachers"][1]], "rewards": ["brightness", ""], "stage1_steps": 1,
+                "group_size": 1}
+        match = "group_size"
     elif case == "missing_lora":
         over, err, match = {"teacher_loras": [str(tmp_path / "gone"), workspace["teachers"][1]]}, FileNotFoundError, "gone"
     cfg = tiny_config(workspace, run, **over)
@@ -204,8 +214,9 @@ def test_cps_stage2_trains_the_stochastic_steps_only(workspace, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(workspace, run, kernel="cps", noise_level=0.5, distill_steps=1,
                       heldout_prompt_files=[workspace["heldout"]])
-    assert cfg.trained_step_indices() == [0, 1]
-    result = Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    assert trainer.setup.spec.trained_steps == (0, 1)
+    result = trainer.run()
     assert result.status == "finished"
     records = read_metrics(run)
     values = [v for r in records for k, v in r.items() if k.startswith(("div/", "heldout_kl/"))]

@@ -18,7 +18,8 @@ TEACHER_STD = 0.3
 
 def make_workspace(root: Path, model_dir: Path, n_tasks: int = 2) -> dict:
     """Write ``n_tasks`` teacher LoRAs, prompt files and a held-out prompt file under ``root``."""
-    from scale.model import add_lora, load_pipeline, save_lora
+    from scale.lora import add_lora, save_lora
+    from scale.pipeline import load_pipeline
 
     root.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model_dir)

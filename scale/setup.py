@@ -1,0 +1,263 @@
+r"""Everything an ``opd-scale train`` run builds before its first update, validated before any output.
+
+:func:`build_setup` checks the config, the prompt files, the rewards and the teacher LoRAs (they must
+fit the transformer), loads the pipeline, adds the adapters (``teacher_k`` per task, ``student``),
+encodes every prompt once, builds the engine's :class:`~opd_ref.engine.UpdateSpec` of each stage on
+the scheduler's grid, and only then creates the run directory: bad input leaves nothing behind.
+
+Notation map: :math:`\pi_\theta` -> adapter ``"student"``, :math:`\pi_{T_k}` -> ``"teacher_k"``,
+reference -> adapter ``None``; :math:`\mathcal T` -> ``Setup.spec.trained_steps``.
+
+Reference: ``diffusionopd`` (two-stage recipe), ``flowgrpo`` (GRPO, SDE sampler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from opd_ref.engine import ObjectiveSpec, UpdateSpec
+from scale.config import ScaleConfig
+from scale.policy import AccelerateCollective, SD3Policy
+
+__all__ = ["STUDENT", "RESUMABLE_CHANGES", "Task", "Setup", "build_setup", "derive_seed", "read_prompts"]
+
+STUDENT = "student"
+# config keys that may change between an interrupted run and its --resume (they do not change what
+# an update computes)
+RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed determined by integer ``parts`` (numpy ``SeedSequence``): every rollout's noise
+    is a function of (seed, phase, update, task, micro-batch) only, so runs resume exactly and split
+    over processes without changing any sample."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1, 2**31], dtype=np.uint64)))
+
+
+def read_prompts(path: str | os.PathLike, what: str) -> List[str]:
+    """Non-empty stripped lines of a prompt file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file has no prompt (``what`` names its role, e.g. the task).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file for {what} not found: {str(path)!r}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file for {what} is empty (no non-blank line): {str(path)!r}")
+    return prompts
+
+
+@dataclass
+class Task:
+    """One task: its prompts, its teacher adapter and (stage 1, CRD) its reward."""
+
+    name: str
+    prompts: List[str]
+    adapter: str
+    teacher_lora: str = ""
+    reward_spec: str = ""
+    reward: Optional[Callable] = None
+
+
+@dataclass
+class Setup:
+    """What :func:`build_setup` builds (see the module docstring)."""
+
+    cfg: ScaleConfig
+    acc: Any
+    collective: AccelerateCollective
+    run_dir: Path
+    tasks: List[Task]
+    heldout: List[List[str]]
+    pipe: Any
+    policy: SD3Policy
+    cache: Any
+    sigmas: torch.Tensor
+    spec: UpdateSpec  # stage 2 (distillation or CRD)
+    grpo_spec: Optional[UpdateSpec]  # stage 1
+    phases: List[Tuple[str, int]]  # ("grpo", k) per stage-1 task, then ("distill", -1)
+    rank: int = 0  # this process, of ``world``
+    world: int = 1
+    is_main: bool = True  # the process that writes the run directory
+
+    @property
+    def transformer(self):
+        """The frozen base transformer carrying every adapter."""
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return self.policy.device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _tasks(cfg: ScaleConfig) -> List[Task]:
+    stage1 = cfg.stage1_steps > 0
+    teacher_loras = cfg.teacher_loras or [""] * len(cfg.tasks)
+    rewards = cfg.rewards or [""] * len(cfg.tasks)
+    tasks = []
+    for k, name in enumerate(cfg.tasks):
+        task = Task(name, read_prompts(cfg.prompt_files[k], f"task {name!r}"), f"teacher_{k}", teacher_loras[k], rewards[k])
+        if cfg.loss == "crd":
+            if not task.reward_spec:
+                raise ValueError(f"loss 'crd' trains on rewards: task {name!r} has no reward (config rewards)")
+            task.teacher_lora = ""
+        elif not task.teacher_lora:
+            if not stage1:
+                raise ValueError(
+                    f"task {name!r} has no teacher LoRA (config teacher_loras) and stage 1 is off "
+                    "(config stage1_steps = 0): give a LoRA file or a reward and stage1_steps > 0"
+                )
+            if not task.reward_spec:
+                raise ValueError(f"task {name!r} is trained in stage 1 but has no reward (config rewards)")
+        elif not Path(task.teacher_lora).exists():
+            raise FileNotFoundError(f"teacher LoRA for task {name!r} not found: {task.teacher_lora!r}")
+        if task.reward_spec:
+            from scale.rewards import get_reward
+
+            task.reward = get_reward(task.reward_spec)
+        tasks.append(task)
+    return tasks
+
+
+def _check_run_dir(cfg: ScaleConfig, run_dir: Path, resume: bool) -> None:
+    if resume:
+        from scale.checkpoint import has_checkpoint
+
+        if not (run_dir / "config.json").is_file() or not has_checkpoint(run_dir / "checkpoint"):
+            raise FileNotFoundError(f"--resume: no run with a checkpoint in {str(run_dir)!r}")
+        saved = json.loads((run_dir / "config.json").read_text())
+        now = cfg.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"--resume: config differs from the run's config.json in {changed}; only "
+                f"{list(RESUMABLE_CHANGES)} may change"
+            )
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ValueError(
+            f"output_dir {str(run_dir)!r} exists and is not empty: pass --resume to continue that run "
+            "or choose a new directory"
+        )
+
+
+def _check_batches(cfg: ScaleConfig, world: int) -> None:
+    stage1, crd = cfg.stage1_steps > 0, cfg.loss == "crd"
+    if not crd and cfg.distill_steps > 0 and (cfg.batch_size % cfg.micro_batch_size
+                                              or (cfg.batch_size // cfg.micro_batch_size) % world):
+        raise ValueError(
+            f"stage 2 needs batch_size ({cfg.batch_size}) = a multiple of micro_batch_size "
+            f"({cfg.micro_batch_size}) whose micro-batches split evenly over {world} processes"
+        )
+    if (stage1 or crd) and (cfg.batch_size % world or cfg.group_size % cfg.micro_batch_size or cfg.group_size < 2):
+        raise ValueError(
+            f"stage 1 and CRD need batch_size ({cfg.batch_size}) divisible by the {world} processes and "
+            f"group_size ({cfg.group_size}) >= 2 divisible by micro_batch_size ({cfg.micro_batch_size})"
+        )
+
+
+def _add_adapters(cfg: ScaleConfig, transformer, tasks: List[Task]) -> None:
+    from scale.lora import add_lora, load_lora
+
+    for task in tasks:
+        if task.teacher_lora:
+            load_lora(transformer, task.teacher_lora, task.adapter)
+    # identical LoRA initialisation on every process (lora_A random, lora_B zero)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, 99))
+        for task in tasks:
+            if not task.teacher_lora and cfg.loss != "crd":
+                add_lora(transformer, task.adapter, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         target_modules=cfg.lora_targets)
+        add_lora(transformer, STUDENT, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+
+
+def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = None) -> Setup:
+    """Validate, load and build a run (see the module docstring); create its directory last.
+
+    Args:
+        config: the run's :class:`~scale.config.ScaleConfig`.
+        resume: continue the run in ``config.output_dir`` (its config.json must match).
+        accelerator: an ``accelerate.Accelerator`` (``None``: ``Accelerator(cpu=True)`` without CUDA).
+
+    Returns:
+        :class:`Setup`.
+    """
+    cfg = config.validate()
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if not cfg.tasks:
+        raise ValueError("config tasks is empty: give at least one task (tasks, prompt_files, teacher_loras)")
+    if len(cfg.prompt_files) != len(cfg.tasks):
+        raise ValueError(f"config prompt_files needs one file per task ({len(cfg.tasks)}), got {cfg.prompt_files}")
+    if not cfg.model:
+        raise ValueError("config model is empty: pass --model DIR_OR_HUB_ID (an SD3 / SD3.5 diffusers pipeline)")
+    tasks = _tasks(cfg)
+    files = cfg.heldout_prompt_files * (len(cfg.tasks) if len(cfg.heldout_prompt_files) == 1 else 1)
+    # held-out prompts per task (the KL to teacher k is measured on prompts of task k)
+    heldout = [read_prompts(f, f"held-out evaluation of task {t!r}") for f, t in zip(files, cfg.tasks)]
+    run_dir = Path(cfg.output_dir)
+    _check_run_dir(cfg, run_dir, resume)
+    _check_batches(cfg, accelerator.num_processes)
+
+    from scale.pipeline import load_pipeline, scheduler_sigmas
+    from scale.text import PromptCache
+
+    device = accelerator.device
+    dtype = _resolve_dtype(cfg.dtype, device)
+    pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
+    tcfg = pipe.transformer.config
+    vae_f, patch = int(pipe.vae_scale_factor), int(tcfg.patch_size)
+    if cfg.resolution % (vae_f * patch):
+        raise ValueError(f"config resolution must be a multiple of {vae_f * patch} (VAE factor x patch size), "
+                         f"got {cfg.resolution}")
+    side = cfg.resolution // vae_f
+    _add_adapters(cfg, pipe.transformer, tasks)
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    policy = SD3Policy(pipe.transformer, (int(tcfg.in_channels), side, side), device, pipe.transformer.dtype)
+    cache = PromptCache(pipe, max_sequence_length=cfg.max_sequence_length, guidance=cfg.guidance_scale > 1)
+    cache.encode(sorted({p for t in tasks for p in t.prompts} | {p for ps in heldout for p in ps}))
+    if device.type == "cuda":  # the text encoders (T5-XXL: ~9.5 GB in bf16) are done: offload
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to("cpu")
+        torch.cuda.empty_cache()
+    sigmas = scheduler_sigmas(pipe, cfg.num_steps, image_seq_len=(side // patch) ** 2).to(device)
+    kernel, steps = cfg.kernel_spec(), tuple(cfg.train_steps)
+    spec = UpdateSpec(sigmas, kernel, ObjectiveSpec(cfg.loss, crd_beta=cfg.crd_beta), steps, cfg.max_grad_norm)
+    phases = [] if cfg.loss == "crd" else [("grpo", k) for k, t in enumerate(tasks) if not t.teacher_lora]
+    grpo_spec = None
+    if phases:
+        grpo = ObjectiveSpec("grpo", clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form)
+        grpo_spec = UpdateSpec(sigmas, kernel, grpo, steps, cfg.max_grad_norm)
+    phases.append(("distill", -1))
+
+    # ---- run directory (only now: everything above validated, on every process) ---------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    accelerator.wait_for_everyone()
+    return Setup(cfg, accelerator, AccelerateCollective(accelerator), run_dir, tasks, heldout, pipe, policy, cache,
+                 sigmas, spec, grpo_spec, phases, accelerator.process_index, accelerator.num_processes,
+                 accelerator.is_main_process)

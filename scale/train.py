@@ -137,7 +137,11 @@ class Trainer:
     def _eval(self, phase: int, step: int) -> None:
         if not any(self.setup.heldout):
             return
-        div = self.heldout_divergence()
+        try:
+            div = self.heldout_divergence()
+        except NonFiniteError as err:
+            raise DivergedError(f"{err.at(update=step, phase=self.phase_name(phase))} (held-out evaluation after "
+                                f"update {step}). {self._last_good()}") from err
         io.log(self.setup, {"phase": phase, "step": step, "event": "eval", **div})
         mean = next((v for k, v in div.items() if k.endswith("/mean")), None)
         if mean is None:
@@ -239,8 +243,6 @@ class Trainer:
                     if s.is_main:
                         io.sample_grid(s, s.run_dir / "samples" / "final.png")
                     io.save_adapter(s, STUDENT, s.run_dir / "student")
-            except NonFiniteError as err:  # in a held-out evaluation
-                raise DivergedError(f"{err.at(update=step, phase=name)}. {self._last_good()}") from err
             finally:
                 bar.close()
             phase, step, self.optimizer = phase + 1, 0, None

@@ -317,15 +317,17 @@ def load_checkpoint(root: str | Path) -> Tuple[Optional[Dict[str, Any]], Optiona
     if committed is None or not (root / committed).is_dir():
         problems.append(f"{str(root / POINTER_FILE)!r} is missing or does not name a checkpoint")
     candidates = [p for p in list_checkpoints(root) if committed is None or p.name <= committed]
+    failed: List[Path] = []
     for directory in candidates:
         try:
             state = _load_verified(directory)
         except CheckpointError as err:
             problems.append(str(err))
-            bad = directory.with_name(f"corrupt-{directory.name}")
-            shutil.rmtree(bad, ignore_errors=True)
-            os.replace(directory, bad)
+            failed.append(directory)
             continue
+        for bad in failed:  # moved aside only once a valid one takes over (else the error stays the same)
+            shutil.rmtree(bad.with_name(f"corrupt-{bad.name}"), ignore_errors=True)
+            os.replace(bad, bad.with_name(f"corrupt-{bad.name}"))
         if problems:
             write_file_atomic(root / POINTER_FILE, directory.name + "\n")
             warnings.warn("the latest checkpoint is not valid (" + "; ".join(problems) + "): falling back to "

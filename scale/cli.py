@@ -9,8 +9,14 @@ Examples::
     opd-scale bench --model /tmp/tiny --out bench.json
 
 ``train`` takes every :class:`~scale.config.ScaleConfig` field as ``--field-name VALUE`` or
-``--set field_name=VALUE``; lists are comma-separated or JSON. Multi-GPU:
+``--set field_name=VALUE`` (each key once: the same key twice, or as a flag and in ``--set``, is an
+error; flags are never abbreviated); lists are comma-separated or JSON. Multi-GPU:
 ``accelerate launch --num_processes 8 -m scale.cli train ...``.
+
+Exit codes: 0 finished; 2 bad input (config, files, a run directory in use or not resumable, no
+valid checkpoint); 3 the run diverged (non-finite loss / gradient, or the held-out KL guard); 4 the
+run directory could not be written (disk full, permissions: the last checkpoint is intact); 130
+Ctrl-C and 143 SIGTERM (a checkpoint was written: continue with ``--resume``).
 
 Reference: ``diffusionopd``, ``flowgrpo``.
 """
@@ -20,13 +26,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
+EXIT_BAD_INPUT = 2  # bad config, files or run directory; nothing was trained
+EXIT_DIVERGED = 3  # non-finite loss / gradient / velocity or the held-out KL guard; the last good checkpoint stays
+EXIT_IO = 4  # the run directory could not be written (disk full, permissions); the last checkpoint stays
+EXIT_SIGINT = 130  # 128 + SIGINT (Ctrl-C): the run checkpointed and can be resumed
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the run checkpointed and can be resumed
+
+
+class _Once(argparse.Action):
+    """Store a flag's value; the same flag given twice is an error (argparse would keep the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if hasattr(namespace, self.dest):
+            parser.error(f"{option_string} given twice")
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     from opd_ref.engine import KERNEL_KINDS
     from scale.config import ScaleConfig
 
-    parser = argparse.ArgumentParser(prog="opd-scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="opd-scale", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build-tiny", help="write a tiny random-weight SD3.5-style pipeline (save_pretrained)")
+    p = sub.add_parser("build-tiny", allow_abbrev=False, help="write a tiny random-weight SD3.5-style pipeline (save_pretrained)")
     p.add_argument("dir", help="output directory (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
-    p = sub.add_parser("train", help="two-stage DiffusionOPD training (config file + overrides)")
+    p = sub.add_parser("train", allow_abbrev=False, help="two-stage DiffusionOPD training (config file + overrides)")
     p.add_argument("--config", help="JSON or TOML config file (defaults: ScaleConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
@@ -49,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in output_dir from its checkpoint (its config.json is the base config)")
     for f in dataclasses.fields(ScaleConfig):
         p.add_argument("--" + f.name.replace("_", "-"), dest="cfg__" + f.name, default=argparse.SUPPRESS,
-                       metavar="VALUE", help=argparse.SUPPRESS)
+                       action=_Once, metavar="VALUE", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("sample", help="a grid of images from the base model, a teacher or the student LoRA")
+    p = sub.add_parser("sample", allow_abbrev=False, help="a grid of images from the base model, a teacher or the student LoRA")
     p.add_argument("--model", required=True, help="pipeline directory or cached hub id")
     p.add_argument("--lora", default=None, help="diffusers LoRA file/dir (teacher or student); none = base")
     p.add_argument("--prompts", default=None, help="prompt file (one per line)")
@@ -66,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-sequence-length", type=int, default=256)
 
-    p = sub.add_parser("bench", help="overhead, memory and cost-per-update ratios (scale.bench)")
+    p = sub.add_parser("bench", allow_abbrev=False, help="overhead, memory and cost-per-update ratios (scale.bench)")
     p.add_argument("--model", default=None, help="pipeline directory (default: build a tiny one in a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--resolution", type=int, default=None, help="default: the transformer's sample size")
@@ -80,12 +101,20 @@ def _train_config(args: argparse.Namespace):
     from scale.config import load_config, parse_value
 
     direct = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+    seen: dict = {}
+    for item in args.overrides:
+        key = item.partition("=")[0].strip().replace("-", "_")
+        if key in direct:
+            raise ValueError(f"config key {key!r} given twice: --{key.replace('_', '-')} {direct[key]!r} and "
+                             f"--set {item!r}; give it once")
+        if key in seen:
+            raise ValueError(f"config key {key!r} given twice: --set {seen[key]!r} and --set {item!r}; give it once")
+        seen[key] = item
     base = args.config
     if args.resume and base is None:
         out = direct.get("output_dir")
-        for item in args.overrides:
-            if item.partition("=")[0].strip().replace("-", "_") == "output_dir":
-                out = item.partition("=")[2]
+        if "output_dir" in seen:
+            out = seen["output_dir"].partition("=")[2]
         if out is None:
             raise ValueError("--resume needs --output-dir RUN_DIR (or --config) to find the run")
         base = str(Path(out) / "config.json")
@@ -132,11 +161,29 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - formatwarning signature
+    return f"opd-scale: warning: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``opd-scale`` console script; returns the exit code (errors in the input
-    print ``opd-scale: error: ...`` and return 2)."""
+    """Entry point of the ``opd-scale`` console script; returns the exit code (see the module
+    docstring; errors print ``opd-scale: error: ...`` without a traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    old_format, warnings.formatwarning = warnings.formatwarning, _warning
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("opd-scale: interrupted (Ctrl-C) before a checkpoint could be written; the last committed "
+              "checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
+        return EXIT_SIGINT
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _run(args: argparse.Namespace) -> int:
+    from scale.checkpoint import RunBusyError
+
     try:
         if args.command == "build-tiny":
             from scale.tiny import build_tiny_pipeline
@@ -144,13 +191,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {build_tiny_pipeline(args.dir, seed=args.seed)}")
             return 0
         if args.command == "train":
-            from scale.train import train
+            from scale.train import DivergedError, train
 
-            result = train(_train_config(args), resume=args.resume)
+            try:
+                result = train(_train_config(args), resume=args.resume)
+            except DivergedError as err:
+                print(f"opd-scale: diverged: {err}", file=sys.stderr)
+                return EXIT_DIVERGED
             if result.status == "interrupted":
-                print(f"interrupted: checkpoint at {result.run_dir / 'checkpoint'} (phase {result.phase}, "
-                      f"step {result.step}); continue with --resume", file=sys.stderr)
-                return EXIT_INTERRUPTED
+                why = "Ctrl-C" if result.signal == signal.SIGINT else "SIGTERM"
+                print(f"interrupted ({why}): checkpoint in {result.run_dir / 'checkpoints'} (phase {result.phase}, "
+                      f"update {result.step}); continue with: opd-scale train --resume --output-dir {result.run_dir}",
+                      file=sys.stderr)
+                return EXIT_SIGINT if result.signal == signal.SIGINT else EXIT_INTERRUPTED
             print(f"finished: {result.run_dir}")
             return 0
         if args.command == "sample":
@@ -165,9 +218,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Path(args.out).write_text(text + "\n")
             print(text)
             return 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, RunBusyError) as err:
         print(f"opd-scale: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        print(f"opd-scale: error: {err}", file=sys.stderr)
+        return EXIT_IO
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

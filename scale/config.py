@@ -85,7 +85,9 @@ class ScaleConfig:
     crd_beta: float = 1.0  # CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)
 
     # ---- durability and logging -------------------------------------------------------------
-    checkpoint_every: int = 50  # atomic checkpoint every N updates (and always on SIGTERM); 0 = only at end
+    checkpoint_every: int = 50  # verified checkpoint every N updates (and always on SIGTERM / Ctrl-C); 0 = only at stage ends
+    keep_checkpoints: int = 2  # numbered checkpoints kept in checkpoints/ (the fall-back when the latest is corrupt)
+    max_heldout_kl_ratio: float = 0.0  # stop (exit 3) when the held-out KL exceeds this times its value before stage 2; 0 = off
     sample_every: int = 50  # write a sample grid every N updates; 0 = only at the end
     num_sample_prompts: int = 4  # prompts (first of each task) in each sample grid
     eval_every: int = 0  # held-out KL every N updates (0 = only before and after training)
@@ -100,15 +102,18 @@ class ScaleConfig:
             elif isinstance(val, (list, tuple)):
                 val = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in val]
             setattr(self, key, parse_value(key, val))
+        for key, typ in _field_types().items():
+            if typ is float and not math.isfinite(getattr(self, key)):
+                raise ValueError(f"config {key} must be a finite number, got {getattr(self, key)!r}")
         positive = (
             "resolution", "num_steps", "lora_rank", "lora_alpha", "batch_size", "micro_batch_size",
-            "group_size", "max_sequence_length", "num_sample_prompts", "ppo_epochs",
+            "group_size", "max_sequence_length", "num_sample_prompts", "ppo_epochs", "keep_checkpoints",
         )
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"config {key} must be > 0, got {getattr(self, key)!r}")
         nonneg = ("stage1_steps", "distill_steps", "checkpoint_every", "sample_every", "eval_every",
-                  "max_grad_norm", "weight_decay", "kl_beta")
+                  "max_grad_norm", "weight_decay", "kl_beta", "guidance_scale")
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise ValueError(f"config {key} must be >= 0, got {getattr(self, key)!r}")
@@ -116,6 +121,11 @@ class ScaleConfig:
             val = getattr(self, key)
             if not (math.isfinite(val) and val > 0):
                 raise ValueError(f"config {key} must be a finite number > 0, got {val!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"config {key} must lie in [0, 1), got {getattr(self, key)!r}")
+        if self.max_heldout_kl_ratio != 0 and not self.max_heldout_kl_ratio > 1:
+            raise ValueError(f"config max_heldout_kl_ratio must be 0 (off) or > 1, got {self.max_heldout_kl_ratio!r}")
         if self.loss == "ode":
             raise ValueError("config loss 'ode' is now called 'opd_ode' (the engine's method name)")
         for key, allowed in (("kernel", KERNEL_KINDS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES)):

@@ -1,7 +1,9 @@
 """The run directory of ``opd-scale train``: metrics, checkpoints, LoRA files, sample grids.
 
 ``RUN/config.json``, ``RUN/metrics.jsonl`` (one JSON record per update or evaluation),
-``RUN/checkpoint/`` (atomic; every LoRA tensor, the optimizer, the RNG states and the position),
+``RUN/checkpoints/`` (numbered, verified by sha256, committed by an atomic ``LATEST`` pointer: see
+:mod:`scale.checkpoint`; every LoRA tensor, the optimizer, the RNG states and the position),
+``RUN/run.lock`` (held while a run uses the directory),
 ``RUN/teachers/<task>/`` and ``RUN/student/`` (diffusers LoRA files that
 ``StableDiffusion3Pipeline.load_lora_weights`` loads), ``RUN/samples/*.png``.  Only the main process
 writes.
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -23,67 +26,114 @@ import torch
 from torch import Tensor
 
 from opd_ref.engine import KernelSpec, RolloutBatch, policy_rollout
-from scale.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from scale.checkpoint import (
+    CheckpointError,
+    RunDirError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    write_file_atomic,
+)
 from scale.setup import STUDENT, Setup, derive_seed
 
-__all__ = ["log", "truncate_metrics", "save_state", "load_state", "save_adapter", "sample_grid", "save_grid",
+CHECKPOINTS = "checkpoints"
+
+__all__ = ["CHECKPOINTS", "log", "truncate_metrics", "save_state", "load_state", "save_adapter", "sample_grid", "save_grid",
            "sample_images"]
 
 
 def log(setup: Setup, record: Dict[str, Any]) -> None:
-    """Append one record to ``metrics.jsonl`` (main process)."""
+    """Append one record to ``metrics.jsonl`` (main process).
+
+    Raises:
+        RunDirError: the write failed (e.g. disk full); the message names the file.
+    """
     if setup.is_main:
-        with open(setup.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        path = setup.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as err:
+            raise RunDirError(err.errno, f"could not append to {str(path)!r}: {err.strerror or err}; the last "
+                              "checkpoint is intact: free space and continue with --resume") from err
 
 
 def truncate_metrics(setup: Setup, phase: int, step: int) -> None:
-    """Drop the metrics records written after the checkpoint at ``(phase, step)`` (main process)."""
+    """Drop the metrics records written after the checkpoint at ``(phase, step)`` (main process); a
+    partial last line (a write cut short by a crash) is dropped with a warning.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (named with its number).
+    """
     path = setup.run_dir / "metrics.jsonl"
     if not setup.is_main or not path.exists():
         return
+    lines = path.read_text().splitlines()
     keep = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{str(path)!r}: dropping a partial last line ({len(line)} characters; a write "
+                              "cut short)", RuntimeWarning, stacklevel=2)
+                continue
+            raise ValueError(f"{str(path)!r} line {i + 1} is not JSON: {line[:80]!r}") from None
         pos = (rec["phase"], rec["step"])
         # an eval at step 0 of a phase is logged after that phase's first checkpoint: it is redone
         if pos < (phase, step) or (pos == (phase, step) and (step > 0 or rec.get("event") != "eval")):
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    write_file_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def save_state(setup: Setup, phase: int, step: int, phase_name: str,
-               optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Atomic checkpoint (main process) of every LoRA tensor, the optimizer, RNG states and position."""
+               optimizer: Optional[torch.optim.Optimizer], extra: Optional[Dict[str, Any]] = None) -> None:
+    """Commit a checkpoint (main process) of every LoRA tensor, the optimizer, RNG states, the position
+    and ``extra`` (the loop's own state) under ``RUN/checkpoints`` (:func:`scale.checkpoint.save_checkpoint`)."""
     if setup.is_main:
         lora = {n: p.detach().cpu().clone() for n, p in setup.transformer.named_parameters() if "lora_" in n}
         state = {"phase": phase, "step": step, "lora": lora, "rng": capture_rng_state(), "world_size": setup.world,
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None}
-        save_checkpoint(setup.run_dir / "checkpoint", state,
-                        {"phase": phase, "phase_name": phase_name, "step": step, "time": time.time()})
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None, "extra": dict(extra or {})}
+        save_checkpoint(setup.run_dir / CHECKPOINTS, state,
+                        {"phase": phase, "phase_name": phase_name, "step": step, "time": time.time()},
+                        keep=setup.cfg.keep_checkpoints)
     setup.acc.wait_for_everyone()
 
 
-def load_state(setup: Setup) -> Tuple[int, int, Optional[dict]]:
-    """Restore the LoRA tensors and RNG states of the run's checkpoint and drop later metrics.
+def load_state(setup: Setup) -> Tuple[int, int, Optional[dict], Dict[str, Any]]:
+    """Restore the LoRA tensors and RNG states of the run's verified checkpoint and drop later metrics;
+    without any checkpoint (a run stopped before its first) the run starts from update 0.
 
     Returns:
-        ``(phase, step, optimizer state dict or None)``. (The world size may differ from the
+        ``(phase, step, optimizer state dict or None, extra)``. (The world size may differ from the
         checkpoint's: samples are a function of (seed, update, task, micro-batch), not of it.)
+
+    Raises:
+        CheckpointError: no valid checkpoint although some exist, or tensors that do not fit the model.
     """
-    ckpt = load_checkpoint(setup.run_dir / "checkpoint")
+    ckpt, where = load_checkpoint(setup.run_dir / CHECKPOINTS)
+    if ckpt is None:
+        truncate_metrics(setup, 0, 0)
+        return 0, 0, None, {}
     params = dict(setup.transformer.named_parameters())
     missing = [n for n in ckpt["lora"] if n not in params]
     if missing:
-        raise ValueError(f"checkpoint LoRA tensors not in the model: {missing[:5]} ...")
+        raise CheckpointError(f"checkpoint {str(where)!r}: LoRA tensors not in the model: {missing[:5]} ...")
+    wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in ckpt["lora"].items()
+             if tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        n, got, want = wrong[0]
+        raise CheckpointError(f"checkpoint {str(where)!r}: LoRA tensor {n} has shape {got}, the model's is {want} "
+                              f"({len(wrong)} tensors differ)")
     with torch.no_grad():
         for n, t in ckpt["lora"].items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
     restore_rng_state(ckpt["rng"])
     truncate_metrics(setup, ckpt["phase"], ckpt["step"])
-    return ckpt["phase"], ckpt["step"], ckpt["optimizer"]
+    return ckpt["phase"], ckpt["step"], ckpt["optimizer"], ckpt.get("extra", {})
 
 
 def save_adapter(setup: Setup, adapter: str, out_dir: Path) -> None:

@@ -26,12 +26,16 @@ from opd_ref.engine import ObjectiveSpec, UpdateSpec
 from scale.config import ScaleConfig
 from scale.policy import AccelerateCollective, SD3Policy
 
-__all__ = ["STUDENT", "RESUMABLE_CHANGES", "Task", "Setup", "build_setup", "derive_seed", "read_prompts"]
+__all__ = ["STUDENT", "RESUMABLE_CHANGES", "LOCATION_KEYS", "Task", "Setup", "build_setup", "derive_seed", "read_prompts"]
 
 STUDENT = "student"
 # config keys that may change between an interrupted run and its --resume (they do not change what
 # an update computes)
-RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every")
+RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every", "keep_checkpoints",
+                     "max_heldout_kl_ratio")
+# where the run is, not what it computes: a run directory resumes however its path is spelled or
+# after it was moved
+LOCATION_KEYS = ("output_dir",)
 
 
 def derive_seed(*parts: int) -> int:
@@ -90,6 +94,7 @@ class Setup:
     rank: int = 0  # this process, of ``world``
     world: int = 1
     is_main: bool = True  # the process that writes the run directory
+    lock: Any = None  # the main process's RunLock on run_dir (released by Trainer.close)
 
     @property
     def transformer(self):
@@ -138,24 +143,59 @@ def _tasks(cfg: ScaleConfig) -> List[Task]:
 
 
 def _check_run_dir(cfg: ScaleConfig, run_dir: Path, resume: bool) -> None:
-    if resume:
-        from scale.checkpoint import has_checkpoint
+    """Fresh run: ``run_dir`` absent or empty (a lone ``run.lock`` counts as empty). ``--resume``: a
+    ``config.json`` that matches ``cfg`` except :data:`RESUMABLE_CHANGES` and :data:`LOCATION_KEYS`
+    (a checkpoint is not needed: without one the run starts from update 0)."""
+    from scale.checkpoint import RunLock
 
-        if not (run_dir / "config.json").is_file() or not has_checkpoint(run_dir / "checkpoint"):
-            raise FileNotFoundError(f"--resume: no run with a checkpoint in {str(run_dir)!r}")
-        saved = json.loads((run_dir / "config.json").read_text())
+    if resume:
+        path = run_dir / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no run in {str(run_dir)!r} (no config.json)")
+        if (run_dir / "checkpoint" / "state.pt").is_file() and not (run_dir / "checkpoints").exists():
+            raise ValueError(f"--resume: {str(run_dir)!r} holds a checkpoint/ folder of an older opd-scale "
+                             "(no checksums); start a new run")
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"--resume: {str(path)!r} is not valid JSON ({err})") from None
         now = cfg.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        skip = RESUMABLE_CHANGES + LOCATION_KEYS
+        changed = sorted(k for k in now if k not in skip and saved.get(k, now[k]) != now[k])
         if changed:
             raise ValueError(
                 f"--resume: config differs from the run's config.json in {changed}; only "
                 f"{list(RESUMABLE_CHANGES)} may change"
             )
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif run_dir.exists() and (not run_dir.is_dir() or any(p.name != RunLock.FILE for p in run_dir.iterdir())):
         raise ValueError(
             f"output_dir {str(run_dir)!r} exists and is not empty: pass --resume to continue that run "
             "or choose a new directory"
         )
+
+
+def _open_run_dir(cfg: ScaleConfig, run_dir: Path, resume: bool):
+    """Create ``run_dir``, take its lock, check it again under the lock (another run may have started
+    since the first check) and, for a fresh run, write ``config.json`` atomically.
+
+    Returns:
+        the held :class:`~scale.checkpoint.RunLock`.
+    """
+    from scale.checkpoint import RunDirError, RunLock, write_file_atomic
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(err.errno, f"could not create output_dir {str(run_dir)!r}: {err.strerror or err}") from err
+    lock = RunLock(run_dir).acquire()
+    try:
+        _check_run_dir(cfg, run_dir, resume)
+        if not resume:
+            write_file_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _check_batches(cfg: ScaleConfig, world: int) -> None:
@@ -216,6 +256,10 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     # held-out prompts per task (the KL to teacher k is measured on prompts of task k)
     heldout = [read_prompts(f, f"held-out evaluation of task {t!r}") for f, t in zip(files, cfg.tasks)]
     run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process and (run_dir / "run.lock").is_file():  # in use: say so before anything else
+        from scale.checkpoint import RunLock
+
+        RunLock(run_dir).acquire().release()
     _check_run_dir(cfg, run_dir, resume)
     _check_batches(cfg, accelerator.num_processes)
 
@@ -254,10 +298,8 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
 
     # ---- run directory (only now: everything above validated, on every process) ---------------
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
+    lock = _open_run_dir(cfg, run_dir, resume) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return Setup(cfg, accelerator, AccelerateCollective(accelerator), run_dir, tasks, heldout, pipe, policy, cache,
                  sigmas, spec, grpo_spec, phases, accelerator.process_index, accelerator.num_processes,
-                 accelerator.is_main_process)
+                 accelerator.is_main_process, lock)

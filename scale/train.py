@@ -36,12 +36,18 @@ import torch
 
 from opd_ref.engine import AdvantageSpec, NonFiniteError, crd_update, distill_update, grpo_update, path_divergence
 from scale import io
-from scale.checkpoint import StopSignal
+from scale.checkpoint import StopSignal, describe, list_checkpoints
 from scale.config import ScaleConfig
 from scale.setup import STUDENT, build_setup
 from scale.updates import ImageReward, distill_tasks, heldout_tasks, reward_groups
 
-__all__ = ["STUDENT", "Trainer", "TrainResult", "train"]
+__all__ = ["STUDENT", "Trainer", "TrainResult", "DivergedError", "train"]
+
+
+class DivergedError(RuntimeError):
+    """The run diverged: a non-finite loss, gradient or velocity (:class:`opd_ref.engine.NonFiniteError`,
+    chained as ``__cause__``), or the held-out KL grew past ``max_heldout_kl_ratio``.  Nothing of the
+    diverged state is saved; the message names where and the last good checkpoint, which stays committed."""
 
 
 @dataclass
@@ -53,6 +59,7 @@ class TrainResult:
     phase: int
     step: int
     last_metrics: Dict[str, float] = field(default_factory=dict)
+    signal: Optional[int] = None  # the signal that interrupted the run (SIGTERM, SIGINT)
 
 
 class Trainer:
@@ -72,6 +79,7 @@ class Trainer:
         self.cfg = self.setup.cfg
         self.resume, self.callbacks, self.step_hook = resume, list(callbacks), step_hook
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.guard: Dict[str, float] = {}  # divergence guard state (the held-out KL before stage 2), checkpointed
 
     def make_optimizer(self, adapter: str) -> torch.optim.Optimizer:
         """AdamW over ``adapter``'s LoRA parameters (multi-tensor ``foreach`` kernels also on CPU)."""
@@ -127,31 +135,78 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def _eval(self, phase: int, step: int) -> None:
-        if any(self.setup.heldout):
-            io.log(self.setup, {"phase": phase, "step": step, "event": "eval", **self.heldout_divergence()})
+        if not any(self.setup.heldout):
+            return
+        try:
+            div = self.heldout_divergence()
+        except NonFiniteError as err:
+            raise DivergedError(f"{err.at(update=step, phase=self.phase_name(phase))} (held-out evaluation after "
+                                f"update {step}). {self._last_good()}") from err
+        io.log(self.setup, {"phase": phase, "step": step, "event": "eval", **div})
+        mean = next((v for k, v in div.items() if k.endswith("/mean")), None)
+        if mean is None:
+            return
+        if step == 0:
+            self.guard["heldout_start"] = mean
+        ratio, start = self.cfg.max_heldout_kl_ratio, self.guard.get("heldout_start")
+        if ratio and start is not None and mean > ratio * start:
+            raise DivergedError(f"held-out divergence {mean:.6g} at update {step} exceeds max_heldout_kl_ratio = "
+                                f"{ratio:g} times its value before stage 2 ({start:.6g}): the run is diverging "
+                                f"(lower the learning rate). {self._last_good()}")
+
+    def _last_good(self) -> str:
+        found = list_checkpoints(self.setup.run_dir / io.CHECKPOINTS)
+        pointer = self.setup.run_dir / io.CHECKPOINTS / "LATEST"
+        name = pointer.read_text().strip() if pointer.is_file() else None
+        good = next((p for p in found if p.name == name), None)
+        if good is None:
+            return "No checkpoint was written before (a --resume starts from update 0)."
+        return f"The last good checkpoint is kept: {describe(good)}."
+
+    def close(self) -> None:
+        """Release the run directory's lock (done by :meth:`run` when it returns or raises)."""
+        if self.setup.lock is not None:
+            self.setup.lock.release()
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Run (or continue) every phase; checkpoint every ``checkpoint_every`` updates, at each phase
-        end and on SIGTERM (then return with ``status="interrupted"``)."""
+        end and on SIGTERM / Ctrl-C (then return with ``status="interrupted"``).
+
+        Raises:
+            DivergedError: a non-finite loss / gradient / velocity or a held-out KL past the guard;
+                the last good checkpoint stays the committed one.
+        """
+        try:
+            with StopSignal(catch_int=True) as stop:
+                return self._run(stop)
+        finally:
+            self.close()
+
+    def _run(self, stop: StopSignal) -> TrainResult:
         from tqdm.auto import tqdm
 
         s, cfg = self.setup, self.cfg
-        phase, step, opt_state = io.load_state(s) if self.resume else (0, 0, None)
+        phase, step, opt_state, extra = io.load_state(s) if self.resume else (0, 0, None, {})
+        self.guard = dict(extra.get("guard", {}))
         last: Dict[str, float] = {}
-        with StopSignal() as stop:
-            while phase < len(s.phases):
-                kind, k = s.phases[phase]
-                adapter = STUDENT if kind == "distill" else s.tasks[k].adapter
-                self.optimizer = self.make_optimizer(adapter)
-                if opt_state is not None:
-                    self.optimizer.load_state_dict(opt_state)
-                    opt_state = None
-                total = cfg.stage1_steps if kind == "grpo" else cfg.distill_steps
-                name = self.phase_name(phase)
+
+        def checkpoint(phase: int, step: int, name: str, optimizer) -> None:
+            io.save_state(s, phase, step, name, optimizer, {"guard": self.guard})
+
+        while phase < len(s.phases):
+            kind, k = s.phases[phase]
+            adapter = STUDENT if kind == "distill" else s.tasks[k].adapter
+            self.optimizer = self.make_optimizer(adapter)
+            if opt_state is not None:
+                self.optimizer.load_state_dict(opt_state)
+                opt_state = None
+            total = cfg.stage1_steps if kind == "grpo" else cfg.distill_steps
+            name = self.phase_name(phase)
+            bar = tqdm(total=total, initial=step, desc=name, disable=not s.is_main, dynamic_ncols=True)
+            try:
                 if kind == "distill" and step == 0:
                     self._eval(phase, 0)
-                bar = tqdm(total=total, initial=step, desc=name, disable=not s.is_main, dynamic_ncols=True)
                 while step < total:
                     t0 = time.perf_counter()
                     try:
@@ -162,7 +217,8 @@ class Trainer:
                         else:
                             stats = self.distill_update(phase, step)
                     except NonFiniteError as err:
-                        raise err.at(update=step + 1, task=None if k < 0 else k, phase=name) from None
+                        err = err.at(update=step + 1, task=None if k < 0 else k, phase=name)
+                        raise DivergedError(f"{err}. {self._last_good()}") from err
                     step += 1
                     stats["time_s"] = time.perf_counter() - t0
                     last = stats
@@ -176,12 +232,10 @@ class Trainer:
                     for cb in self.callbacks:
                         cb(self, name, step)
                     if self._stop_requested(stop):
-                        io.save_state(s, phase, step, name, self.optimizer)
-                        bar.close()
-                        return TrainResult(s.run_dir, "interrupted", phase, step, last)
+                        checkpoint(phase, step, name, self.optimizer)
+                        return TrainResult(s.run_dir, "interrupted", phase, step, last, stop.requested)
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                        io.save_state(s, phase, step, name, self.optimizer)
-                bar.close()
+                        checkpoint(phase, step, name, self.optimizer)
                 if kind == "grpo":  # phase end: save what it trained
                     io.save_adapter(s, adapter, s.run_dir / "teachers" / s.tasks[k].name)
                 else:
@@ -189,8 +243,12 @@ class Trainer:
                     if s.is_main:
                         io.sample_grid(s, s.run_dir / "samples" / "final.png")
                     io.save_adapter(s, STUDENT, s.run_dir / "student")
-                phase, step, self.optimizer = phase + 1, 0, None
-                io.save_state(s, phase, step, self.phase_name(phase), None)
+            finally:
+                bar.close()
+            phase, step, self.optimizer = phase + 1, 0, None
+            checkpoint(phase, step, self.phase_name(phase), None)
+            if phase < len(s.phases) and self._stop_requested(stop):
+                return TrainResult(s.run_dir, "interrupted", phase, step, last, stop.requested)
         return TrainResult(s.run_dir, "finished", phase, step, last)
 
 

@@ -5,7 +5,12 @@ Run directory layout::
     OUT/config.json      command-line configuration, versions, experiment list
     OUT/metrics.jsonl    one JSON object per logged point, each tagged with its "experiment"
     OUT/figures/*.png    every experiment's figures
-    OUT/report.md        derivation checks (measured value, threshold, pass/fail), result tables
+    OUT/report.md        derivation checks (measured value, threshold, pass/fail), result tables;
+                         written only when every experiment has run
+    OUT/INCOMPLETE       present while the run is going and left behind when it is interrupted
+
+A non-empty ``OUT`` is refused unless ``overwrite=True`` (then the previous run's files are removed
+first, so an interrupted rerun never sits beside an old report).
 
 Experiment interface (agreed contract): ``toys.experiments.<name>.run(out_dir, quick, seeds) -> dict``
 with keys ``checks``, ``figures``, ``tables``, ``metrics``.  An experiment whose module is not
@@ -19,6 +24,7 @@ import json
 import math
 import pathlib
 import platform
+import shutil
 import time
 import traceback
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -26,7 +32,12 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["REGISTRY", "run_experiment", "reproduce", "write_report"]
+__all__ = ["REGISTRY", "OUTPUTS", "MARKER", "run_experiment", "reproduce", "write_report"]
+
+#: marker file present while a run is incomplete (removed after report.md is written)
+MARKER = "INCOMPLETE"
+#: what a run writes into OUT (removed by ``overwrite=True``)
+OUTPUTS = ("config.json", "metrics.jsonl", "figures", "report.md", MARKER)
 
 #: experiment name -> module path (imported lazily)
 REGISTRY: Dict[str, str] = {
@@ -122,8 +133,24 @@ def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> s
     return text
 
 
+def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a directory, but {str(out)!r} is an existing file")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"out {str(out)!r} is not empty (a previous run?): pass --overwrite to replace it, "
+                             "or choose a new directory")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            raise ValueError(f"out {str(out)!r} holds files that no reproduce run wrote ({foreign[:5]}): "
+                             "not overwriting it; choose a new directory")
+        for name in OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence[int]] = None,
-              only: Optional[Sequence[str]] = None, progress: bool = True) -> Dict[str, dict]:
+              only: Optional[Sequence[str]] = None, progress: bool = True, overwrite: bool = False) -> Dict[str, dict]:
     """Run the registered experiments (or ``only`` those) and write the run directory ``out``.
 
     Args:
@@ -131,9 +158,13 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
         full: paper-quality mode (larger samples, >= 5 seeds by default) instead of quick mode.
         seeds: seeds to run (default ``(0, 1, 2)`` quick, ``(0, 1, 2, 3, 4)`` full).
         only: subset of experiment names.
+        overwrite: replace a previous run in ``out`` (otherwise a non-empty ``out`` is refused).
 
     Returns:
         ``{name: result dict}``.
+
+    Raises:
+        ValueError: unknown experiment, no seeds, ``out`` a file, or ``out`` not empty without ``overwrite``.
     """
     names = check_names(only) if only else list(REGISTRY)
     if seeds is None:
@@ -142,8 +173,12 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
     if not seeds:
         raise ValueError("seeds must not be empty")
     out = pathlib.Path(out)
+    _prepare_out(out, overwrite)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    marker.write_text("this run has not completed (interrupted, or still running): report.md is written only "
+                      "at the end; rerun with --overwrite\n")
     config = {"command": "reproduce", "full": bool(full), "seeds": seeds, "experiments": names,
               "torch": torch.__version__, "python": platform.python_version(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -157,6 +192,8 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
             bar = tqdm(names, desc="opd-toys reproduce", unit="exp", disable=not progress)
             for name in bar:
                 bar.set_postfix_str(name)
+                marker.write_text(f"this run has not completed: it stopped in experiment {name!r} (interrupted, "
+                                  "or still running); report.md is written only at the end; rerun with --overwrite\n")
                 res = run_experiment(name, fig_dir, quick=not full, seeds=seeds)
                 results[name] = res
                 for m in res["metrics"]:
@@ -167,4 +204,5 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
     config["status"] = {n: r["status"] for n, r in results.items()}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_report(out, config, results)
+    marker.unlink()
     return results

@@ -76,6 +76,14 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, where):
         ("gradient_checkpointing=maybe", "gradient_checkpointing"),
         ("heldout_prompt_files=a,b", "heldout_prompt_files"),
         ("nonsense", "key=value"),
+        ("noise_level=inf", "noise_level must be a finite number"),
+        ("adam_beta1=1.5", "adam_beta1 must lie in"),
+        ("adam_beta2=-0.1", "adam_beta2 must lie in"),
+        ("guidance_scale=nan", "guidance_scale must be a finite number"),
+        ("guidance_scale=-1", "guidance_scale must be >= 0"),
+        ("max_grad_norm=inf", "max_grad_norm must be a finite number"),
+        ("keep_checkpoints=0", "keep_checkpoints must be > 0"),
+        ("max_heldout_kl_ratio=0.5", "max_heldout_kl_ratio"),
     ],
 )
 def test_bad_values_name_the_key(override, match):

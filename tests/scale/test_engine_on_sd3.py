@@ -23,7 +23,7 @@ from opd_ref import opd_kl_loss, same_cov_kl, sde_step
 from opd_ref.engine import AdvantageSpec, NonFiniteError, ObjectiveSpec, crd_update, distill_update, grpo_update, policy_rollout
 from scale.lora import switch_adapter
 from scale.pipeline import predict_velocity
-from scale.train import STUDENT, Trainer
+from scale.train import STUDENT, DivergedError, Trainer
 from scale.updates import ImageReward, distill_tasks, reward_groups
 from tests.scale.train_helpers import tiny_config, workspace  # noqa: F401  (fixture)
 
@@ -195,6 +195,7 @@ def test_a_non_finite_velocity_stops_the_run_naming_where(workspace, tmp_path):
                 p.fill_(float("nan"))
 
     trainer = Trainer(tiny_config(workspace, tmp_path / "run", distill_steps=2), callbacks=[poison])
-    with pytest.raises(NonFiniteError, match=r"non-finite velocity at phase distill, update 2, task 0, step 0") as info:
+    with pytest.raises(DivergedError, match=r"non-finite velocity at phase distill, update 2, task 0, step 0") as info:
         trainer.run()
-    assert (info.value.update, info.value.task, info.value.step) == (2, 0, 0)
+    cause = info.value.__cause__
+    assert isinstance(cause, NonFiniteError) and (cause.update, cause.task, cause.step) == (2, 0, 0)

@@ -63,3 +63,43 @@ def test_reproduce_rejects_unknown_names(tmp_path):
         rp.reproduce(tmp_path, only=["nope"])
     with pytest.raises(ValueError, match="seeds must not be empty"):
         rp.reproduce(tmp_path, seeds=[], only=["d4_limit"])
+
+
+def _fake_experiments(monkeypatch, interrupt_at=None):
+    """Two registered fake experiments (one check each); ``interrupt_at`` raises Ctrl-C in that one."""
+    monkeypatch.setitem(rp.REGISTRY, "fake_a", "x")
+    monkeypatch.setitem(rp.REGISTRY, "fake_b", "x")
+
+    def run_experiment(name, fig_dir, quick, seeds):
+        if name == interrupt_at:
+            raise KeyboardInterrupt
+        return {"status": "ok", "checks": [{"name": "c", "value": 1.0, "threshold": "1", "passed": True}],
+                "figures": [], "tables": {}, "metrics": [{"x": 1}], "seconds": 0.0}
+
+    monkeypatch.setattr(rp, "run_experiment", run_experiment)
+
+
+def test_existing_out_is_refused_without_overwrite_and_an_interrupted_rerun_leaves_a_marker(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from toys import cli
+
+    out = tmp_path / "run"
+    _fake_experiments(monkeypatch)
+    argv = ["reproduce", "--out", str(out), "--only", "fake_a", "fake_b"]
+    assert cli.main(argv) == 0 and "2/2" in (out / "report.md").read_text()
+    assert not (out / rp.MARKER).exists()
+    finished = (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as info:  # a finished run is not overwritten
+        cli.main(argv)
+    assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == finished
+    _fake_experiments(monkeypatch, interrupt_at="fake_b")
+    assert cli.main(argv + ["--overwrite"]) == 130
+    assert not (out / "report.md").exists()  # no old "2/2 passed" beside the partial metrics
+    assert "'fake_b'" in (out / rp.MARKER).read_text()
+    assert "incomplete" in capsys.readouterr().err
+    (out / "mine.txt").write_text("not a run file")
+    with pytest.raises(ValueError, match="no reproduce run wrote"):
+        rp.reproduce(out, seeds=[0], only=["fake_a"], progress=False, overwrite=True)
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "--ou", str(tmp_path / "other")])  # no abbreviated flags

@@ -10,8 +10,11 @@ Examples::
 
 ``train`` takes every :class:`~scale.config.ScaleConfig` field as ``--field-name VALUE`` or
 ``--set field_name=VALUE`` (each key once: the same key twice, or as a flag and in ``--set``, is an
-error; flags are never abbreviated); lists are comma-separated or JSON. Multi-GPU:
-``accelerate launch --num_processes 8 -m scale.cli train ...``.
+error; flags are never abbreviated); lists are comma-separated or JSON. Multi-process:
+``opd-scale launch --nproc-per-node 8 -- train ...`` (torchrun underneath: ``opd-scale launch
+[TORCHRUN OPTIONS] -- SUBCOMMAND ...``, ``--standalone`` unless ``--nnodes``/``--rdzv-endpoint`` is
+given); unlike plain ``torchrun``, whose agent prints a traceback and exits 1 on SIGTERM, it exits
+with the signal's code (143, 130) after the workers have checkpointed, or with a worker's own exit code.
 
 Exit codes: 0 finished; 2 bad input (config, files, a run directory in use or not resumable, no
 valid checkpoint); 3 the run diverged (non-finite loss / gradient, or the held-out KL guard); 4 the
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="opd-scale", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("launch", help="multi-process: opd-scale launch [TORCHRUN OPTIONS] -- SUBCOMMAND ... "
+                                  "(torchrun; exits 143/130 on SIGTERM/Ctrl-C without a traceback)")
 
     p = sub.add_parser("build-tiny", allow_abbrev=False, help="write a tiny random-weight SD3.5-style pipeline (save_pretrained)")
     p.add_argument("dir", help="output directory (must be empty or absent)")
@@ -161,6 +166,36 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(argv: Sequence[str]) -> int:
+    """``opd-scale launch [TORCHRUN OPTIONS] -- SUBCOMMAND ...``: torchrun in this process, with the
+    launcher's signal and worker failures turned into exit codes instead of tracebacks."""
+    argv = list(argv)
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        print("opd-scale: error: usage: opd-scale launch [TORCHRUN OPTIONS] -- SUBCOMMAND [ARGS...] "
+              "(e.g. opd-scale launch --nproc-per-node 2 -- train --config run.json)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cut = argv.index("--")
+    opts, rest = argv[:cut], argv[cut + 1:]
+    if not any(o.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--standalone") for o in opts):
+        opts = ["--standalone", *opts]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun([*opts, "-m", "scale.cli", *rest])
+    except SignalException as err:
+        sig = int(err.sigval)
+        print(f"opd-scale launch: stopped by signal {sig}; the workers checkpointed: continue with --resume",
+              file=sys.stderr)
+        return 128 + sig
+    except ChildFailedError as err:
+        codes = sorted({f.exitcode for f in err.failures.values()})
+        print(f"opd-scale launch: a worker exited with {codes[-1]} (all worker exit codes: {codes})", file=sys.stderr)
+        return codes[-1] if codes[-1] > 0 else 1
+    return 0
+
+
 def _warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - formatwarning signature
     return f"opd-scale: warning: {message}\n"
 
@@ -168,6 +203,9 @@ def _warning(message, category, filename, lineno, line=None) -> str:  # noqa: AR
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``opd-scale`` console script; returns the exit code (see the module
     docstring; errors print ``opd-scale: error: ...`` without a traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        return _launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     old_format, warnings.formatwarning = warnings.formatwarning, _warning

@@ -50,3 +50,44 @@ def test_two_process_ddp_equals_one_process(workspace, tmp_path):
     assert worst < atol, worst
     assert max(float((a[k] - half[k]).abs().max()) for k in a) > 100 * atol
     assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # the step did something
+
+
+@pytest.mark.slow
+def test_sigterm_under_launch_checkpoints_and_exits_143_without_a_traceback(workspace, tmp_path):
+    # plain torchrun's agent answers SIGTERM with SignalException: a traceback and exit 1; `opd-scale
+    # launch` runs torchrun in-process and turns the signal into 128 + 15 once the workers have checkpointed
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cfg_path = tiny_config(workspace, run, distill_steps=500, batch_size=2).save(tmp_path / "cfg.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "scale.cli", "launch", "--nproc-per-node", "2", "--", "train", "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"event": "update"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "continue with --resume" in err
+    assert (run / "checkpoints" / "LATEST").is_file()
+    step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"update"' in line)
+    # the checkpoint resumes: finish one more update under the same launcher
+    done = subprocess.run([sys.executable, "-m", "scale.cli", "launch", "--nproc-per-node", "2", "--", "train",
+                           "--resume", "--output-dir", str(run), "--distill-steps", str(step + 1)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "student" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_launch_usage_errors_exit_2():
+    from scale.cli import main
+
+    assert main(["launch", "--nproc-per-node", "2"]) == 2
+    assert main(["launch", "--"]) == 2

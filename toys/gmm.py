@@ -40,7 +40,7 @@ from opd_ref.chains import gaussian_kl_full
 from opd_ref.gopd import gopd_target_gaussian
 from toys.rewards import QuadraticFormReward, as_quadratic_form, sum_rewards
 
-__all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt"]
+__all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt", "mixture_posterior"]
 
 SigmaLike = Union[float, int, Tensor]
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -278,23 +278,7 @@ class GaussianMixture:
         """
         x = self._check_x(x)
         s = self._batch_sigma(sigma, x.shape[0])  # (Bs,)
-        d = self.dim
-        eye = torch.eye(d, dtype=self.dtype, device=x.device)
-        a = (1.0 - s)[:, None, None, None]  # (Bs, 1, 1, 1)
-        C = a**2 * self.covs[None] + (s**2)[:, None, None, None] * eye  # (Bs, K, d, d)
-        C_inv, logdet = _inv_logdet(C)
-        diff = x[:, None, :] - (1.0 - s)[:, None, None] * self.means[None]  # (B, K, d)
-        u = _matvec(C_inv, diff)  # (B, K, d) = C^{-1} diff
-        comp = -0.5 * (diff * u).sum(-1) - 0.5 * logdet - 0.5 * d * _LOG_2PI  # (B, K)
-        joint = self.log_weights + comp
-        log_p = torch.logsumexp(joint, dim=-1)
-        resp = torch.exp(joint - log_p[:, None])  # (B, K)
-        ru = (resp[..., None] * u).sum(1)  # (B, d)
-        eps_hat = s[:, None] * ru
-        Su = _matvec(self.covs[None], u)  # (B, K, d)
-        x0_k = self.means[None] + (1.0 - s)[:, None, None] * Su
-        x0_hat = (resp[..., None] * x0_k).sum(1)
-        return log_p, eps_hat, x0_hat
+        return mixture_posterior(self.log_weights, self.means, self.covs, x, s)
 
     def velocity(self, x: Tensor, sigma: SigmaLike) -> Tensor:
         r"""Exact flow-matching velocity :math:`v(x,\sigma) = \mathbb E[\varepsilon - x_0 \mid x_\sigma = x]`.
@@ -538,6 +522,48 @@ def _single_gaussians(first: Tuple[str, object], second: Tuple[str, object], *, 
     (n1, g1), (n2, g2) = first, second
     if g1.dim != g2.dim:  # type: ignore[union-attr]
         raise ValueError(f"{n1} and {n2} have dimensions {g1.dim} and {g2.dim}")  # type: ignore[union-attr]
+
+
+def mixture_posterior(log_weights: Tensor, means: Tensor, covs: Tensor, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Posterior pieces of the flow of one or several stacked mixtures (no validation: callers check).
+
+    For :math:`x_\sigma = (1-\sigma)x_0 + \sigma\varepsilon`, :math:`x_0\sim\sum_k w_k\mathcal N(m_k, S_k)`:
+
+    .. math::
+        C_k = (1-\sigma)^2 S_k + \sigma^2 I,\quad u_k = C_k^{-1}(x - (1-\sigma)m_k),\quad
+        \gamma_k \propto w_k\mathcal N(x; (1-\sigma)m_k, C_k),\quad
+        \mathbb E[\varepsilon|x] = \sigma\textstyle\sum_k\gamma_k u_k,\quad
+        \mathbb E[x_0|x] = \sum_k\gamma_k(m_k + (1-\sigma)S_k u_k)
+
+    Args:
+        log_weights: ``(*P, K)`` log mixture weights (``P`` = stacked mixtures, possibly empty).
+        means: ``(*P, K, d)``.
+        covs: ``(*P, K, d, d)``.
+        x: ``(*P, B, d)`` states; batch ``b`` of mixture ``p`` uses mixture ``p``.
+        s: noise levels broadcastable to ``(*P, B)`` (e.g. ``(1,)`` or ``(B,)``), in ``[0, 1]``.
+
+    Returns:
+        ``(log_p (*P, B), eps_hat (*P, B, d), x0_hat (*P, B, d))``.
+
+    Reference: ``diffusionopd`` (exact toy teachers).
+    """
+    d = means.shape[-1]
+    eye = torch.eye(d, dtype=means.dtype, device=x.device)
+    a = (1.0 - s)[..., None, None, None]  # (.., Bs, 1, 1, 1)
+    C = a**2 * covs[..., None, :, :, :] + (s**2)[..., None, None, None] * eye  # (*P, Bs, K, d, d)
+    C_inv, logdet = _inv_logdet(C)
+    diff = x[..., :, None, :] - (1.0 - s)[..., None, None] * means[..., None, :, :]  # (*P, B, K, d)
+    u = _matvec(C_inv, diff)  # (*P, B, K, d) = C^{-1} diff
+    comp = -0.5 * (diff * u).sum(-1) - 0.5 * logdet - 0.5 * d * _LOG_2PI  # (*P, B, K)
+    joint = log_weights[..., None, :] + comp
+    log_p = torch.logsumexp(joint, dim=-1)
+    resp = torch.exp(joint - log_p[..., None])  # (*P, B, K)
+    ru = (resp[..., None] * u).sum(-2)  # (*P, B, d)
+    eps_hat = s[..., None] * ru
+    Su = _matvec(covs[..., None, :, :, :], u)  # (*P, B, K, d)
+    x0_k = means[..., None, :, :] + (1.0 - s)[..., None, None] * Su
+    x0_hat = (resp[..., None] * x0_k).sum(-2)
+    return log_p, eps_hat, x0_hat
 
 
 def _matvec(M: Tensor, v: Tensor) -> Tensor:

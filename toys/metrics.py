@@ -80,7 +80,7 @@ def euler_flow_log_prob(velocity: Callable[[Tensor, float], Tensor], n: int, n_s
 
     Reference: ``diffusionopd`` (ODE sampler of the student), change of variables.
     """
-    from toys.samplers import sigma_grid
+    from opd_ref.engine.grid import sigma_grid
 
     sig = sigma_grid(n_steps, dtype=dtype)
     x = torch.randn(n, 2, generator=generator, dtype=dtype)

@@ -26,7 +26,7 @@ from opd_ref.losses import deterministic_limit_weight
 from toys.experiments import default_setting
 from toys.experiments.variance import make_student
 from toys.figures import plt, save
-from toys.train import sigma_grid
+from opd_ref.engine.grid import sigma_grid
 
 
 #: sizes of quick and full mode (tests shrink QUICK)

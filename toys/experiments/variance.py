@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from opd_ref import sde_step
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
 from opd_ref.estimators import ESTIMATORS, analytic_moments, estimator_surrogate, per_sample_grads
 from toys.experiments import default_setting
 from toys.figures import COLORS, LABELS, plt, save
 from toys.students import ResidualMLPStudent
-from toys.train import sigma_grid
 
 #: sample sizes of quick and full mode (tests shrink QUICK)
 QUICK = dict(n_mc=2000, a_values=[0.1, 0.2, 0.35, 0.5, 0.7, 1.0], n_roll=256, n_states=8, n_mc_sig=256)
@@ -101,14 +102,8 @@ def rollout_gradients(student, teacher, a: float, n_steps: int, n_roll: int, gen
     """Per-rollout gradients ``(R, P)`` of the summed per-step surrogate along SDE student rollouts."""
     sig = sigma_grid(n_steps)
     x = torch.randn(n_roll, 2, generator=gen, dtype=torch.float64)
-    xs, nexts = [], []
-    with torch.no_grad():
-        for n in range(n_steps):
-            step, _ = _kernels(student, teacher, x, float(sig[n]), float(sig[n + 1]), a)
-            xn = step.sample(gen)
-            xs.append(x)
-            nexts.append(xn)
-            x = xn
+    traj = rollout(lambda z, s: student.velocity(z, s, 0), x, sig, KernelSpec("sde", a, "flowgrpo"), gen)
+    xs, nexts = traj.states[:-1], traj.states[1:]
     out = {}
     for name in ESTIMATORS:
         rep = student.replicated_params(n_roll)

@@ -102,8 +102,11 @@ class ToyPolicy:
         self._fns: Dict[Optional[str], Callable[[Tensor, float, object], Tensor]] = {STUDENT: self._student_velocity}
         for k, t in enumerate(teachers):
             self._fns[teacher_name(k)] = self._teacher_fn(t, k)
+        self._ref_cache: Dict[tuple, tuple] = {}
+        self._residual_on_reference = (reference is not None and hasattr(student, "residual")
+                                       and getattr(student, "base", None) is reference)
         if reference is not None:
-            self._fns[None] = lambda x, sigma, cond: reference.velocity(x, sigma)
+            self._fns[None] = lambda x, sigma, cond: self._reference_velocity(x, sigma)
         self._active: Optional[str] = STUDENT
         self.forward_passes: Dict[Optional[str], int] = defaultdict(int)
 
@@ -114,9 +117,30 @@ class ToyPolicy:
         return x.reshape(self.n_runs, -1, self.dim)
 
     def _student_velocity(self, x: Tensor, sigma: float, cond: object) -> Tensor:
+        if self._residual_on_reference:  # v_ref + f_theta, with v_ref shared with the reference adapter
+            f = (self.student.residual(self._blocks(x), sigma, cond).reshape(x.shape) if self.stacked
+                 else self.student.residual(x, sigma, cond))
+            return self._reference_velocity(x, sigma) + f
         if self.stacked:
             return self.student.velocity(self._blocks(x), sigma, cond).reshape(x.shape)
         return self.student.velocity(x, sigma, cond)
+
+    def _reference_velocity(self, x: Tensor, sigma: float) -> Tensor:
+        r""":math:`v_{ref}(x, \sigma)`, remembered for the stored states it was last asked at: the engine asks
+        for the reference and the student (= reference + residual) at the same stored state (GRPO's KL
+        term, every PPO epoch).  An entry holds the state tensor itself, so its memory cannot be reused
+        by another tensor while the entry lives; a state that carries a gradient is never cached."""
+        if x.requires_grad:
+            return self.reference.velocity(x, sigma)
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, float(sigma))
+        hit = self._ref_cache.get(key)
+        if hit is not None and hit[0]._version == x._version:
+            return hit[1]
+        v = self.reference.velocity(x, sigma)
+        if len(self._ref_cache) >= 64:
+            self._ref_cache.pop(next(iter(self._ref_cache)))
+        self._ref_cache[key] = (x, v)
+        return v
 
     def _teacher_fn(self, t: Teacher, k: int) -> Callable[[Tensor, float, object], Tensor]:
         if isinstance(t, GaussianMixture):

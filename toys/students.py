@@ -246,10 +246,14 @@ class StackedMLPStudent(nn.Module):
 
     def velocity(self, xs: Tensor, sigma: float, task: int = 0) -> Tensor:
         """``(R, B, d)`` velocities of the ``R`` runs at their states ``xs`` ``(R, B, d)``."""
+        base = self.base.velocity(xs.reshape(-1, self.dim), sigma).reshape(xs.shape)
+        return base + self.residual(xs, sigma, task)
+
+    def residual(self, xs: Tensor, sigma: float, task: int = 0) -> Tensor:
+        """``(R, B, d)`` the runs' residuals :math:`f_{\\theta_r}(x, \\sigma, e_k)` at ``xs`` ``(R, B, d)``."""
         xs = _check_stack(xs, self.n_runs, self.dim)
         check_task(task, self.n_tasks)
-        base = self.base.velocity(xs.reshape(-1, self.dim), sigma).reshape(xs.shape)
-        return base + stacked_mlp(list(self.params), _features(xs, sigma, task, self.n_tasks))
+        return stacked_mlp(list(self.params), _features(xs, sigma, task, self.n_tasks))
 
     def run(self, r: int) -> ResidualMLPStudent:
         """Run ``r`` as a stand-alone :class:`ResidualMLPStudent` (a detached copy of its parameters)."""
@@ -294,6 +298,15 @@ class StackedGMMStudent(nn.Module):
         log_w = torch.log(torch.softmax(self.logits[:, task], dim=-1))
         _, eps_hat, x0_hat = mixture_posterior(log_w, self.means[:, task], _covs(self.chol_raw[:, task]), xs, s)
         return eps_hat - x0_hat
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r"""``(R, T, B)`` exact log-densities :math:`\log p_{\theta_r,k}(x_{r,k,b})` for ``x`` ``(R, T, B, d)``."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[:2] != (self.n_runs, self.n_tasks) or x.shape[3] != self.dim:
+            raise ValueError(f"x must have shape ({self.n_runs}, {self.n_tasks}, B, {self.dim}), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        s = torch.zeros(1, dtype=x.dtype, device=x.device)
+        log_w = torch.log(torch.softmax(self.logits, dim=-1))
+        return mixture_posterior(log_w, self.means, _covs(self.chol_raw), x, s, log_p_only=True)[0]
 
     def run(self, r: int) -> GMMStudent:
         """Run ``r`` as a stand-alone :class:`GMMStudent` (a detached copy of its parameters)."""

@@ -36,9 +36,19 @@ def expected_reward(p, reward) -> float:
     return float(p.weights @ (-0.5 * quad + p.means @ h) + r0)
 
 
+_TARGET_LOG_PROB: Dict[tuple, tuple] = {}
+
+
 def exact_kl(student: GMMStudent, target, setting, task: int = 0, n: int = 161) -> float:
-    """Reverse KL(p_theta,k || target) by quadrature on the setting's square."""
-    return grid_kl(student.mixture(task).log_prob, target.log_prob, center=setting.center,
+    """Reverse KL(p_theta,k || target) by quadrature on the setting's square (the target's log-density on
+    the grid is computed once per target and grid)."""
+    def log_q(pts: torch.Tensor) -> torch.Tensor:
+        key = (id(target), n, float(setting.half_width))
+        if key not in _TARGET_LOG_PROB:
+            _TARGET_LOG_PROB[key] = (target, target.log_prob(pts))  # keeps target alive: id stays unique
+        return _TARGET_LOG_PROB[key][1]
+
+    return grid_kl(student.mixture(task).log_prob, log_q, center=setting.center,
                    half_width=setting.half_width, n=n)[0]
 
 

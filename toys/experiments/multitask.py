@@ -1,7 +1,8 @@
 r"""Multi-task OPD (D13) vs joint multi-reward GRPO vs cascade GRPO, with forgetting.
 
 One task-conditioned student (a) (exact :math:`v_{ref}` + zero-initialised residual MLP on
-:math:`(x,\sigma,k)`) serves the ``K = 3`` tasks of the shared setting.
+:math:`(x,\sigma,k)`) serves the ``K = 3`` tasks of the shared setting; every update is an
+``opd_ref.engine`` update, with the seeds' students stacked in one rollout.
 
 * ``opd``: DiffusionOPD closed-form KL, teachers = exact tilted flows :math:`v_{p^*_k}`, round-robin
   gradient accumulation over the tasks in every update (D13);

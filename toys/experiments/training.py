@@ -1,7 +1,8 @@
 r"""Single-task training curves: every OPD method and GRPO on the parametric GMM student (b).
 
 Each task :math:`k` of the shared setting is trained separately (a fresh single-task student per task,
-method and seed); the student starts at :math:`p_{ref}`; its reverse KL to :math:`p^*_k` is exact
+method and seed; all (task, seed) runs of a method are stacked in one engine rollout, each run's
+gradient exactly its own); the student starts at :math:`p_{ref}`; its reverse KL to :math:`p^*_k` is exact
 (quadrature of two closed-form GMM densities, :func:`toys.metrics.grid_kl`).  Curves: one row per
 task, KL vs student forward passes (left) and vs wall-clock seconds (right), one line per method,
 bands = +-1 std over seeds.  Reference: ``diffusionopd`` (closed-form KL vs PPO-style OPD), ``flowgrpo``.

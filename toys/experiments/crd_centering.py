@@ -259,6 +259,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     for (m, smp) in RUNS:
         ax.plot(log_z, fin[(m, smp)], "o" if smp == "ref" else "^", color=COLORS[m],
                 mfc=COLORS[m] if smp == "ref" else "none", label=_run_label(m, smp))
+    ax.plot(log_z, e_final, "x", color="k", label=f"CRD (centered), engine: SDE path log-ratio, {e_steps} updates")
     ax.set_yscale("log")
     ax.set_xlabel(r"$\log Z(c)$ [nats]")
     ax.set_ylabel(f"final exact KL after {steps} steps [nats]")

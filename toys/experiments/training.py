@@ -130,7 +130,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
             band(row[0], np.mean([c["forward_passes"] for c in cs], 0), kl, method)
             band(row[1], np.mean([c["seconds"] for c in cs], 0), kl, method)
         row[0].set_xlabel("student forward passes (velocity evaluations, samples × steps)", fontsize=8)
-        row[1].set_xlabel("wall-clock training seconds per run (excl. evaluation; stacked runs, amortised)", fontsize=8)
+        row[1].set_xlabel("training seconds per run (stacked runs, amortised; excl. evaluation)", fontsize=8)
         for ax in row:
             ax.set_ylabel(f"exact KL(p_θ ‖ p*_{task})  (nats)")
             ax.set_yscale("log")

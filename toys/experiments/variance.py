@@ -217,21 +217,19 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     n_states = cfg["n_states"]
     n_mc_sig = cfg["n_mc_sig"]
     x = torch.randn(n_states, 2, generator=gen, dtype=torch.float64)
+    states = rollout(lambda z, s: student.velocity(z, s, 0), x, sig, KernelSpec("sde", a_sig, "flowgrpo"), gen).states
     per_sigma = []
     for n in range(n_steps):
         s0, s1 = float(sig[n]), float(sig[n + 1])
         acc = {name: {"var_analytic": 0.0, "var_mc": 0.0} for name in ESTIMATORS}
         for i in range(n_states):
-            r = conditional(student, teacher, x[i:i + 1], s0, s1, a_sig, n_mc_sig, gen)
+            r = conditional(student, teacher, states[n][i:i + 1], s0, s1, a_sig, n_mc_sig, gen)
             for name in ESTIMATORS:
                 acc[name]["var_analytic"] += r[name]["var_analytic"] / n_states
                 acc[name]["var_mc"] += r[name]["var_mc"] / n_states
         per_sigma.append(acc)
         for name in ESTIMATORS:
             metrics.append({"figure": "variance_vs_sigma", "sigma": s0, "a": a_sig, "estimator": name, **acc[name]})
-        with torch.no_grad():
-            step, _ = _kernels(student, teacher, x, s0, s1, a_sig)
-            x = step.sample(gen)
     fig, ax = plt.subplots(figsize=(5.6, 4))
     sig_np = sig[:-1].numpy()
     for name in ESTIMATORS[1:]:

@@ -10,7 +10,7 @@ Two parts, both written to one Markdown file (default ``docs/benchmarks.md``):
    stage-1 teachers (their cost added), joint multi-reward GRPO and cascade GRPO, until the mean
    per-task KL (exact Euler-sampler density) is <= ``MT_TARGET``.
 
-Memory: bytes of tensors autograd saves for one update's backward (a saved-tensor hook), per method,
+Memory: peak bytes of tensors autograd saves for one trained step's backward (a saved-tensor hook), per method,
 plus the peak RSS of the process.  Not a timed test: run it by hand, on an idle machine for
 meaningful seconds (forward-pass ratios do not depend on the load).
 """
@@ -38,24 +38,37 @@ __all__ = ["run_bench", "cost_to_target", "saved_tensor_bytes"]
 
 KL_TARGET = 0.3  # nats, single task (start: KL(p_ref || p*_0) = 4.38)
 MT_TARGET = 1.0  # nats, mean per-task KL, multi-task (start ~4.7 with the 24-step sampler)
-SINGLE_METHODS = ("opd_kl", "opd_ode", "ppo", "k1", "vopd", "grpo")
+SINGLE_METHODS = ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo")
 
 
 def saved_tensor_bytes(tr: Trainer, task: int = 0) -> int:
-    """Bytes of the tensors autograd saves to backpropagate one task loss (one batch of rollouts)."""
-    total = 0
+    """Peak bytes of the tensors autograd saves for one trained step's backward during one update.
+
+    The engine back-propagates each trained step on its own, so a step's graph is freed before the
+    next step's student forward builds the next one: the peak is the largest single step's graph."""
+    current, peak = 0, 0
+    policy = tr.policy
+    velocity = policy.velocity
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        nonlocal current, peak
+        current += t.numel() * t.element_size()
+        peak = max(peak, current)
         return t
 
-    traj = tr.rollout(task)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = tr.task_loss(task, traj)
-    loss.backward()
-    tr.opt.zero_grad(set_to_none=True)
-    return total
+    def tracked(x, sigma, cond):
+        nonlocal current
+        if torch.is_grad_enabled() and policy._active == "student":
+            current = 0  # a new trained step's graph starts with the student's forward
+        return velocity(x, sigma, cond)
+
+    policy.velocity = tracked
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tr.update([task])
+    finally:
+        del policy.velocity
+    return peak
 
 
 def cost_to_target(method: str, setting, seed: int, a: float, batch: int, *, max_updates: int,
@@ -65,7 +78,7 @@ def cost_to_target(method: str, setting, seed: int, a: float, batch: int, *, max
     st = GMMStudent(setting.p_ref, 1)
     cfg = TrainConfig(method=method, noise_level=a, batch_size=batch, lr=lr, group_size=min(16, batch),
                       inner_updates=2 if method == "grpo" else 1)
-    tr = Trainer(st, [setting.targets[0].velocity], cfg, reference=setting.p_ref.velocity,
+    tr = Trainer(st, [setting.targets[0]], cfg, reference=setting.p_ref,
                  rewards=[setting.rewards[0]], betas=[setting.betas[0]], seed=seed)
     kl = exact_kl(st, setting.targets[0], setting, n=121)
     for i in range(1, max_updates + 1):
@@ -85,13 +98,13 @@ def mt_cost_to_target(method: str, setting, seed: int, *, max_updates: int, chec
     st = ResidualMLPStudent(setting.p_ref, K, hidden=64)
     fp0, s0 = 0, 0.0
     if method == "opd_rl_teachers":
-        teachers, fp0, s0 = train_rl_teachers(setting, seed, teacher_updates, batch, a, 0.02)
+        teachers, fp0, s0 = train_rl_teachers(setting, [seed], teacher_updates, batch, a, 0.02)
     else:
-        teachers = [t.velocity for t in setting.targets]
+        teachers = list(setting.targets)
     rl = method in ("joint", "cascade")
     cfg = TrainConfig(method="grpo" if rl else "opd_kl", noise_level=a, batch_size=batch, lr=0.02,
                       inner_updates=2 if rl else 1)
-    tr = Trainer(st, [] if rl else teachers, cfg, reference=setting.p_ref.velocity, rewards=setting.rewards,
+    tr = Trainer(st, [] if rl else teachers, cfg, reference=setting.p_ref, rewards=setting.rewards,
                  betas=setting.betas, seed=seed)
     sched = task_schedule("cascade" if method == "cascade" else "round_robin", K, max_updates)
     every = check_every * (K if method == "cascade" else 1)
@@ -142,8 +155,8 @@ def _run(out, seeds, quick, a_values, batches) -> str:
     mem = {}
     for m in SINGLE_METHODS:
         st = GMMStudent(setting.p_ref, 1)
-        tr = Trainer(st, [setting.targets[0].velocity], TrainConfig(method=m, noise_level=0.5, batch_size=64,
-                     group_size=16), reference=setting.p_ref.velocity, rewards=[setting.rewards[0]],
+        tr = Trainer(st, [setting.targets[0]], TrainConfig(method=m, noise_level=0.5, batch_size=64,
+                     group_size=16), reference=setting.p_ref, rewards=[setting.rewards[0]],
                      betas=[setting.betas[0]])
         mem[m] = saved_tensor_bytes(tr)
     mt_methods = ["opd", "opd_rl_teachers", "joint", "cascade"]
@@ -203,7 +216,9 @@ def _report(setting, seeds, mt_seeds, a_values, batches, single, mem, mt, max_up
         sec = np.array([x["seconds"] for x in res["opd_kl"]])
         L.append(f"| {a} | {b} | {sec.mean():.2f} ± {sec.std():.2f} | "
                  + " | ".join(_ratio_cell(res[m], res["opd_kl"], "seconds") for m in others) + " |")
-    L += ["", "Memory: bytes autograd saves for one update's backward (batch 64, 10 steps, GMM student):", "",
+    L += ["", "Memory: peak bytes autograd saves for one trained step's backward during one update (batch 64, 10 "
+          "steps, GMM student; the engine back-propagates each step on its own, so this does not grow with the "
+          "number of steps):", "",
           "| method | saved tensors (KiB) | ratio to DiffusionOPD-KL |", "|---|---|---|"]
     for m, v in mem.items():
         L.append(f"| {LABELS[m]} | {v / 1024:.1f} | {v / mem['opd_kl']:.2f} |")

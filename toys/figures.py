@@ -20,12 +20,13 @@ __all__ = ["COLORS", "LABELS", "plt", "save", "band", "density_grid", "plot_dens
 
 COLORS: Dict[str, str] = {
     "pathwise": "tab:blue", "opd_kl": "tab:blue", "opd_ode": "tab:cyan", "ppo": "tab:orange",
+    "ppo_opd": "tab:orange",
     "k1": "tab:red", "vopd": "tab:green", "grpo": "tab:purple", "cascade": "tab:brown",
     "opd": "tab:blue", "joint": "tab:purple", "opd_rl_teachers": "tab:gray",
 }
 LABELS: Dict[str, str] = {
     "pathwise": "pathwise (closed-form KL)", "opd_kl": "DiffusionOPD-KL (SDE)", "opd_ode": "DiffusionOPD-ODE (matching)",
-    "ppo": "PPO-OPD", "k1": "k1", "vopd": "vOPD", "grpo": "GRPO (+KL to ref)", "opd": "multi-task OPD",
+    "ppo": "PPO-OPD", "ppo_opd": "PPO-OPD", "k1": "k1", "vopd": "vOPD", "grpo": "GRPO (+KL to ref)", "opd": "multi-task OPD",
     "joint": "joint multi-reward GRPO", "cascade": "cascade GRPO", "opd_rl_teachers": "OPD, RL-trained teachers",
 }
 

@@ -40,7 +40,7 @@ from opd_ref.chains import gaussian_kl_full
 from opd_ref.gopd import gopd_target_gaussian
 from toys.rewards import QuadraticFormReward, as_quadratic_form, sum_rewards
 
-__all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt"]
+__all__ = ["GaussianMixture", "gaussian_kl", "geometric_tilt", "mixture_posterior", "noised_cov_inverse"]
 
 SigmaLike = Union[float, int, Tensor]
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -185,7 +185,7 @@ class GaussianMixture:
         x = self._check_x(x)
         S_inv, logdet = _inv_logdet(self.covs)  # (K, d, d), (K,)
         diff = x[:, None, :] - self.means[None]  # (B, K, d)
-        maha = (diff * _matvec(S_inv[None], diff)).sum(-1)
+        maha = _dot(diff, _matvec(S_inv[None], diff))
         return -0.5 * maha - 0.5 * logdet - 0.5 * self.dim * _LOG_2PI
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -256,6 +256,8 @@ class GaussianMixture:
         """sigma as a ``(1,)`` or ``(B,)`` tensor of the mixture's dtype, checked to lie in [0, 1]."""
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
             raise TypeError(f"sigma must be a float or a (B,) tensor, got {type(sigma).__name__}")
+        if isinstance(sigma, float) and 0.0 <= sigma <= 1.0:  # the common case, checked without tensor ops
+            return torch.full((1,), sigma, dtype=self.dtype)
         s = torch.as_tensor(sigma, dtype=self.dtype)
         if s.dim() == 0:
             s = s.reshape(1)
@@ -278,23 +280,19 @@ class GaussianMixture:
         """
         x = self._check_x(x)
         s = self._batch_sigma(sigma, x.shape[0])  # (Bs,)
-        d = self.dim
-        eye = torch.eye(d, dtype=self.dtype, device=x.device)
-        a = (1.0 - s)[:, None, None, None]  # (Bs, 1, 1, 1)
-        C = a**2 * self.covs[None] + (s**2)[:, None, None, None] * eye  # (Bs, K, d, d)
-        C_inv, logdet = _inv_logdet(C)
-        diff = x[:, None, :] - (1.0 - s)[:, None, None] * self.means[None]  # (B, K, d)
-        u = _matvec(C_inv, diff)  # (B, K, d) = C^{-1} diff
-        comp = -0.5 * (diff * u).sum(-1) - 0.5 * logdet - 0.5 * d * _LOG_2PI  # (B, K)
-        joint = self.log_weights + comp
-        log_p = torch.logsumexp(joint, dim=-1)
-        resp = torch.exp(joint - log_p[:, None])  # (B, K)
-        ru = (resp[..., None] * u).sum(1)  # (B, d)
-        eps_hat = s[:, None] * ru
-        Su = _matvec(self.covs[None], u)  # (B, K, d)
-        x0_k = self.means[None] + (1.0 - s)[:, None, None] * Su
-        x0_hat = (resp[..., None] * x0_k).sum(1)
-        return log_p, eps_hat, x0_hat
+        inv = None
+        if isinstance(sigma, float) and not (self.means.requires_grad or self.covs.requires_grad
+                                             or self.weights.requires_grad):
+            # a fixed mixture at a grid sigma: C_sigma^{-1} and log det C_sigma are reused (rollouts
+            # visit the same few sigmas thousands of times)
+            cache = self.__dict__.setdefault("_inv_cache", {})
+            key = (sigma, id(self.covs), self.covs._version)  # an in-place edit of covs misses the cache
+            inv = cache.get(key)
+            if inv is None:
+                if len(cache) > 256:
+                    cache.clear()
+                inv = cache[key] = noised_cov_inverse(self.covs, s)
+        return mixture_posterior(self.log_weights, self.means, self.covs, x, s, inv)
 
     def velocity(self, x: Tensor, sigma: SigmaLike) -> Tensor:
         r"""Exact flow-matching velocity :math:`v(x,\sigma) = \mathbb E[\varepsilon - x_0 \mid x_\sigma = x]`.
@@ -540,10 +538,89 @@ def _single_gaussians(first: Tuple[str, object], second: Tuple[str, object], *, 
         raise ValueError(f"{n1} and {n2} have dimensions {g1.dim} and {g2.dim}")  # type: ignore[union-attr]
 
 
+def noised_cov_inverse(covs: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`C^{-1}` and :math:`\log\det C` of the noised covariances :math:`C = (1-\sigma)^2 S_k + \sigma^2 I`.
+
+    Args:
+        covs: ``(*P, K, d, d)``.
+        s: noise levels broadcastable to ``(*P, B)``.
+
+    Returns:
+        ``(C_inv (*P, Bs, K, d, d), logdet (*P, Bs, K))``.
+    """
+    eye = torch.eye(covs.shape[-1], dtype=covs.dtype, device=covs.device)
+    a = (1.0 - s)[..., None, None, None]  # (.., Bs, 1, 1, 1)
+    C = a**2 * covs[..., None, :, :, :] + (s**2)[..., None, None, None] * eye  # (*P, Bs, K, d, d)
+    return _inv_logdet(C)
+
+
+def mixture_posterior(log_weights: Tensor, means: Tensor, covs: Tensor, x: Tensor, s: Tensor,
+                      inv: Optional[Tuple[Tensor, Tensor]] = None,
+                      log_p_only: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Posterior pieces of the flow of one or several stacked mixtures (no validation: callers check).
+
+    For :math:`x_\sigma = (1-\sigma)x_0 + \sigma\varepsilon`, :math:`x_0\sim\sum_k w_k\mathcal N(m_k, S_k)`:
+
+    .. math::
+        C_k = (1-\sigma)^2 S_k + \sigma^2 I,\quad u_k = C_k^{-1}(x - (1-\sigma)m_k),\quad
+        \gamma_k \propto w_k\mathcal N(x; (1-\sigma)m_k, C_k),\quad
+        \mathbb E[\varepsilon|x] = \sigma\textstyle\sum_k\gamma_k u_k,\quad
+        \mathbb E[x_0|x] = \sum_k\gamma_k(m_k + (1-\sigma)S_k u_k)
+
+    Args:
+        log_weights: ``(*P, K)`` log mixture weights (``P`` = stacked mixtures, possibly empty).
+        means: ``(*P, K, d)``.
+        covs: ``(*P, K, d, d)``.
+        x: ``(*P, B, d)`` states; batch ``b`` of mixture ``p`` uses mixture ``p``.
+        s: noise levels broadcastable to ``(*P, B)`` (e.g. ``(1,)`` or ``(B,)``), in ``[0, 1]``.
+        inv: :func:`noised_cov_inverse` of ``(covs, s)`` if already known.
+        log_p_only: return ``(log_p, None, None)`` (skips the posterior means).
+
+    Returns:
+        ``(log_p (*P, B), eps_hat (*P, B, d), x0_hat (*P, B, d))``.
+
+    Reference: ``diffusionopd`` (exact toy teachers).
+    """
+    d = means.shape[-1]
+    C_inv, logdet = noised_cov_inverse(covs, s) if inv is None else inv
+    diff = x[..., :, None, :] - (1.0 - s)[..., None, None] * means[..., None, :, :]  # (*P, B, K, d)
+    u = _matvec(C_inv, diff)  # (*P, B, K, d) = C^{-1} diff
+    comp = -0.5 * _dot(diff, u) - 0.5 * logdet - 0.5 * d * _LOG_2PI  # (*P, B, K)
+    joint = log_weights[..., None, :] + comp
+    log_p = torch.logsumexp(joint, dim=-1)
+    if log_p_only:
+        return log_p, None, None
+    resp = torch.exp(joint - log_p[..., None])  # (*P, B, K)
+    ru = (resp[..., None] * u).sum(-2)  # (*P, B, d)
+    eps_hat = s[..., None] * ru
+    Su = _matvec(covs[..., None, :, :, :], u)  # (*P, B, K, d)
+    x0_k = means[..., None, :, :] + (1.0 - s)[..., None, None] * Su
+    x0_hat = (resp[..., None] * x0_k).sum(-2)
+    return log_p, eps_hat, x0_hat
+
+
 def _matvec(M: Tensor, v: Tensor) -> Tensor:
-    """``M @ v`` for ``M`` ``(..., d, d)`` and ``v`` ``(..., d)`` (broadcast), as an elementwise
-    product and a sum: much faster than batched ``matmul`` for many tiny matrices."""
-    return (M * v.unsqueeze(-2)).sum(-1)
+    """``M @ v`` for ``M`` ``(..., d, d)`` and ``v`` ``(..., d)`` (broadcast).  For ``d <= 4`` a sum of
+    column-times-entry products (the toys' many tiny systems: several times faster than a reduction
+    over a size-2 dim, and the same floating-point sum); larger ``d``: product and reduction."""
+    d = M.shape[-1]
+    if d > 4:
+        return (M * v.unsqueeze(-2)).sum(-1)
+    out = M[..., 0] * v[..., 0:1]
+    for j in range(1, d):
+        out = out + M[..., j] * v[..., j : j + 1]
+    return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` over a short last dim (``<= 4``: unrolled, the same floating-point sum)."""
+    d = a.shape[-1]
+    if d > 4:
+        return (a * b).sum(-1)
+    out = a[..., 0] * b[..., 0]
+    for j in range(1, d):
+        out = out + a[..., j] * b[..., j]
+    return out
 
 
 def _inv_logdet(C: Tensor) -> Tuple[Tensor, Tensor]:

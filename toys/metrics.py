@@ -80,20 +80,26 @@ def euler_flow_log_prob(velocity: Callable[[Tensor, float], Tensor], n: int, n_s
 
     Reference: ``diffusionopd`` (ODE sampler of the student), change of variables.
     """
-    from toys.samplers import sigma_grid
+    from opd_ref.engine import KernelSpec
+    from opd_ref.engine.grid import sigma_grid
 
     sig = sigma_grid(n_steps, dtype=dtype)
+    ode = KernelSpec("ode")
+    levels = ode.check_grid(sig)
     x = torch.randn(n, 2, generator=generator, dtype=dtype)
     log_p = -0.5 * (x**2).sum(1) - x.shape[1] * 0.5 * math.log(2 * math.pi)
+    d = x.shape[1]
     for k in range(n_steps):
-        xr = x.detach().requires_grad_(True)
+        # one forward of d copies of the batch and one backward: copy i's gradient of its output
+        # coordinate i is row i of each sample's Jacobian (samples do not interact)
+        xr = x.detach().repeat(d, 1).requires_grad_(True)
         with torch.enable_grad():
-            x_next = xr + (sig[k + 1] - sig[k]) * velocity(xr, float(sig[k]))
-            rows = [torch.autograd.grad(x_next[:, i].sum(), xr, retain_graph=i + 1 < x.shape[1])[0]
-                    for i in range(x.shape[1])]
-        jac = torch.stack(rows, dim=1)  # (n, d, d), row i = d x_next_i / d x
+            x_next = ode.coefficients(levels[k], levels[k + 1]).mean(xr, velocity(xr, levels[k]))  # Euler step
+            picked = torch.cat([x_next[i * n:(i + 1) * n, i] for i in range(d)])
+            (g,) = torch.autograd.grad(picked.sum(), xr)
+        jac = g.reshape(d, n, d).transpose(0, 1)  # (n, d, d), row i = d x_next_i / d x
         log_p = log_p - torch.linalg.slogdet(jac)[1]
-        x = x_next.detach()
+        x = x_next[:n].detach()
     return x, log_p.detach()
 
 

@@ -24,9 +24,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from toys.gmm import GaussianMixture
+from toys.gmm import GaussianMixture, mixture_posterior
 
-__all__ = ["ResidualMLPStudent", "GMMStudent", "check_task"]
+__all__ = ["ResidualMLPStudent", "GMMStudent", "StackedMLPStudent", "StackedGMMStudent", "check_task", "stacked_mlp"]
 
 SigmaLike = Union[float, Tensor]
 
@@ -59,6 +59,38 @@ def _sigma_column(sigma: SigmaLike, x: Tensor) -> Tensor:
     if s.shape != (x.shape[0],):
         raise ValueError(f"sigma must be a float or a ({x.shape[0]},) tensor, got shape {tuple(s.shape)}")
     return s[:, None]
+
+
+def _features(x: Tensor, sigma: SigmaLike, task: int, n_tasks: int) -> Tensor:
+    """The MLP input :math:`[x, \\sigma, e_k]`, ``(*, d + 1 + K)`` for ``x`` ``(*, d)``."""
+    onehot = torch.zeros(x.shape[:-1] + (n_tasks,), dtype=x.dtype, device=x.device)
+    onehot[..., task] = 1.0
+    if isinstance(sigma, Tensor):
+        s = _sigma_column(sigma, x) if x.dim() == 2 else sigma.to(x.dtype).expand(x.shape[:-1])[..., None]
+    else:
+        s = torch.full(x.shape[:-1] + (1,), float(sigma), dtype=x.dtype, device=x.device)
+    return torch.cat([x, s, onehot], dim=-1)
+
+
+def stacked_mlp(params: list, h: Tensor) -> Tensor:
+    r"""``R`` SiLU MLPs with stacked parameters applied to their own inputs.
+
+    .. math:: h^{(l+1)}_{r} = \phi\big(h^{(l)}_{r} W^{(l)\top}_{r} + b^{(l)}_{r}\big)\ (\text{no }\phi\text{ on the last layer})
+
+    Args:
+        params: ``[W_1 (R, o, i), b_1 (R, o), W_2, b_2, ...]`` (``torch.nn.Linear`` layout per run).
+        h: ``(R, B, i)`` inputs, row block ``r`` for MLP ``r``.
+
+    Returns:
+        ``(R, B, o_last)``.
+    """
+    n_lin = len(params) // 2
+    for i in range(n_lin):
+        W, b = params[2 * i], params[2 * i + 1]
+        h = torch.baddbmm(b[:, None, :], h, W.transpose(1, 2))
+        if i < n_lin - 1:
+            h = nn.functional.silu(h)
+    return h
 
 
 class ResidualMLPStudent(nn.Module):
@@ -101,10 +133,7 @@ class ResidualMLPStudent(nn.Module):
         """The residual :math:`f_\\theta(x, \\sigma, e_k)`, ``(B, d)``."""
         x = _check_x(x, self.dim)
         check_task(task, self.n_tasks)
-        s = _sigma_column(sigma, x)
-        onehot = torch.zeros(x.shape[0], self.n_tasks, dtype=x.dtype, device=x.device)
-        onehot[:, task] = 1.0
-        return self.mlp(torch.cat([x, s, onehot], dim=1))
+        return self.mlp(_features(x, sigma, task, self.n_tasks))
 
     def velocity(self, x: Tensor, sigma: SigmaLike, task: int = 0) -> Tensor:
         r""":math:`v_\theta(x, \sigma, k)`, ``(B, d)``; the frozen base has no trainable parameters
@@ -122,18 +151,16 @@ class ResidualMLPStudent(nn.Module):
         :meth:`replicated_params`); ``loss.sum()`` then backpropagates per-sample gradients."""
         x = _check_x(x, self.dim)
         check_task(task, self.n_tasks)
-        onehot = torch.zeros(x.shape[0], self.n_tasks, dtype=x.dtype, device=x.device)
-        onehot[:, task] = 1.0
-        h = torch.cat([x, _sigma_column(sigma, x), onehot], dim=1)
-        n_lin = len(params) // 2
-        for i in range(n_lin):
-            W, b = params[2 * i], params[2 * i + 1]
-            h = torch.einsum("boi,bi->bo", W, h) + b
-            if i < n_lin - 1:
-                h = nn.functional.silu(h)
+        h = stacked_mlp(params, _features(x, sigma, task, self.n_tasks)[:, None, :])[:, 0]
         return self.base.velocity(x, sigma) + h
 
     forward = velocity
+
+
+def _covs(raw: Tensor) -> Tensor:
+    r"""Covariances :math:`L L^\top + 10^{-6} I` from raw lower-triangular factors ``(*, d, d)`` (softplus diagonal)."""
+    L = torch.tril(raw, diagonal=-1) + torch.diag_embed(nn.functional.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)))
+    return L @ L.transpose(-1, -2) + 1e-6 * torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device)
 
 
 class GMMStudent(nn.Module):
@@ -169,14 +196,126 @@ class GMMStudent(nn.Module):
     def mixture(self, task: int = 0) -> GaussianMixture:
         """The task's mixture :math:`p_{\\theta,k}` as a differentiable :class:`GaussianMixture`."""
         check_task(task, self.n_tasks)
-        raw = self.chol_raw[task]
-        L = torch.tril(raw, diagonal=-1) + torch.diag_embed(nn.functional.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)))
-        covs = L @ L.transpose(-1, -2) + 1e-6 * torch.eye(self.dim, dtype=raw.dtype)
-        return GaussianMixture(torch.softmax(self.logits[task], dim=0), self.means[task], covs, validate=False)
+        return GaussianMixture(torch.softmax(self.logits[task], dim=0), self.means[task], _covs(self.chol_raw[task]),
+                               validate=False)
 
     def velocity(self, x: Tensor, sigma: SigmaLike, task: int = 0) -> Tensor:
         r""":math:`v_{p_{\theta,k}}(x, \sigma)`, ``(B, d)``, differentiable in the parameters."""
         _check_x(x, self.dim)
         return self.mixture(task).velocity(x, sigma)
+
+    forward = velocity
+
+
+# ------------------------------------------------------------------------------------ stacked runs
+def _check_stack(xs: object, n_runs: int, dim: int) -> Tensor:
+    if not isinstance(xs, Tensor) or xs.dim() != 3 or xs.shape[0] != n_runs or xs.shape[2] != dim:
+        raise ValueError(f"xs must have shape ({n_runs}, B, {dim}), got {tuple(getattr(xs, 'shape', ()))}")
+    return xs
+
+
+class StackedMLPStudent(nn.Module):
+    r"""``R`` independent :class:`ResidualMLPStudent` s (runs, e.g. seeds) in one module: one forward
+    evaluates every run on its own block of states.
+
+    .. math:: v_{\theta_r}(x, \sigma, k) = v_{ref}(x, \sigma) + f_{\theta_r}(x, \sigma, e_k),\qquad r = 1..R
+
+    Parameters are stacked copies (``(R, *p.shape)``) of the given students', so with an optimiser that
+    acts elementwise (Adam) and a loss that sums the runs' losses, training the stack trains each run
+    exactly as on its own.
+
+    Args:
+        students: ``R`` students with the same base, width, depth and number of tasks.
+
+    Reference: ``diffusionopd`` (LoRA student on a frozen base).
+    """
+
+    def __init__(self, students: "list[ResidualMLPStudent]") -> None:
+        super().__init__()
+        if not students or not all(isinstance(st, ResidualMLPStudent) for st in students):
+            raise TypeError("students must be a non-empty list of ResidualMLPStudent")
+        first = students[0]
+        shapes = [[tuple(p.shape) for p in st.mlp.parameters()] for st in students]
+        if any(sh != shapes[0] for sh in shapes) or any(st.base is not first.base for st in students):
+            raise ValueError("students must share the base mixture and the MLP shape")
+        self.base, self.n_tasks, self.dim, self.n_runs = first.base, first.n_tasks, first.dim, len(students)
+        self.__dict__["_template"] = first  # not a submodule: its parameters are not the stack's
+        self.params = nn.ParameterList(
+            [nn.Parameter(torch.stack([list(st.mlp.parameters())[i].detach() for st in students]).clone())
+             for i in range(len(shapes[0]))])
+
+    def velocity(self, xs: Tensor, sigma: float, task: int = 0) -> Tensor:
+        """``(R, B, d)`` velocities of the ``R`` runs at their states ``xs`` ``(R, B, d)``."""
+        base = self.base.velocity(xs.reshape(-1, self.dim), sigma).reshape(xs.shape)
+        return base + self.residual(xs, sigma, task)
+
+    def residual(self, xs: Tensor, sigma: float, task: int = 0) -> Tensor:
+        """``(R, B, d)`` the runs' residuals :math:`f_{\\theta_r}(x, \\sigma, e_k)` at ``xs`` ``(R, B, d)``."""
+        xs = _check_stack(xs, self.n_runs, self.dim)
+        check_task(task, self.n_tasks)
+        return stacked_mlp(list(self.params), _features(xs, sigma, task, self.n_tasks))
+
+    def run(self, r: int) -> ResidualMLPStudent:
+        """Run ``r`` as a stand-alone :class:`ResidualMLPStudent` (a detached copy of its parameters)."""
+        import copy
+
+        st = copy.deepcopy(self._template)
+        with torch.no_grad():
+            for p, q in zip(st.mlp.parameters(), self.params):
+                p.copy_(q[r])
+        return st
+
+    forward = velocity
+
+
+class StackedGMMStudent(nn.Module):
+    r"""``R`` independent :class:`GMMStudent` s (runs) in one module, all started at ``init``.
+
+    .. math:: v_{\theta_r}(\cdot, \sigma, k) = v_{p_{\theta_r,k}}(\cdot, \sigma),\qquad r = 1..R
+
+    Args:
+        init: the mixture every run and task starts at.
+        n_runs: ``R``.
+        n_tasks: tasks per run.
+
+    Reference: ``diffusionopd`` (student initialised at the reference model).
+    """
+
+    def __init__(self, init: GaussianMixture, n_runs: int, n_tasks: int = 1) -> None:
+        super().__init__()
+        if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
+            raise ValueError(f"n_runs must be a positive int, got {n_runs!r}")
+        one = GMMStudent(init, n_tasks)
+        self.n_runs, self.n_tasks, self.dim = n_runs, n_tasks, one.dim
+        rep = lambda t: nn.Parameter(t.detach().unsqueeze(0).repeat((n_runs,) + (1,) * t.dim()).clone())  # noqa: E731
+        self.logits, self.means, self.chol_raw = rep(one.logits), rep(one.means), rep(one.chol_raw)
+
+    def velocity(self, xs: Tensor, sigma: float, task: int = 0) -> Tensor:
+        """``(R, B, d)`` exact flow velocities of the runs' task-``task`` mixtures at ``xs`` ``(R, B, d)``."""
+        xs = _check_stack(xs, self.n_runs, self.dim)
+        check_task(task, self.n_tasks)
+        s = torch.full((1,), float(sigma), dtype=xs.dtype, device=xs.device)
+        log_w = torch.log(torch.softmax(self.logits[:, task], dim=-1))
+        _, eps_hat, x0_hat = mixture_posterior(log_w, self.means[:, task], _covs(self.chol_raw[:, task]), xs, s)
+        return eps_hat - x0_hat
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r"""``(R, T, B)`` exact log-densities :math:`\log p_{\theta_r,k}(x_{r,k,b})` for ``x`` ``(R, T, B, d)``."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[:2] != (self.n_runs, self.n_tasks) or x.shape[3] != self.dim:
+            raise ValueError(f"x must have shape ({self.n_runs}, {self.n_tasks}, B, {self.dim}), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        s = torch.zeros(1, dtype=x.dtype, device=x.device)
+        log_w = torch.log(torch.softmax(self.logits, dim=-1))
+        return mixture_posterior(log_w, self.means, _covs(self.chol_raw), x, s, log_p_only=True)[0]
+
+    def run(self, r: int) -> GMMStudent:
+        """Run ``r`` as a stand-alone :class:`GMMStudent` (a detached copy of its parameters)."""
+        st = GMMStudent.__new__(GMMStudent)
+        nn.Module.__init__(st)
+        st.n_tasks, st.dim = self.n_tasks, self.dim
+        st.logits = nn.Parameter(self.logits[r].detach().clone())
+        st.means = nn.Parameter(self.means[r].detach().clone())
+        st.chol_raw = nn.Parameter(self.chol_raw[r].detach().clone())
+        return st
 
     forward = velocity

@@ -299,7 +299,7 @@ METHODS = tuple(OBJECTIVES)
 
 
 def group_advantages(rewards: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Tensor:
-    r"""GRPO advantages of one group: rewards standardised within the group.
+    r"""GRPO advantages of one group (or of each row of stacked groups): rewards standardised within the group.
 
     .. math::
         A_i = \frac{r_i - \bar r}{\mathrm{std}_{ddof}(r) + \epsilon},\qquad
@@ -309,17 +309,19 @@ def group_advantages(rewards: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Te
     are all equal gets advantages 0.
 
     Args:
-        rewards: ``(G,)`` finite rewards of one group (``G >= 2``; ``G > ddof``).
+        rewards: ``(G,)`` finite rewards of one group, or ``(n_groups, G)`` for ``n_groups`` groups
+            normalised separately (``G >= 2``; ``G > ddof``).
         ddof: delta degrees of freedom of the std (0 or 1).
         eps: :math:`\epsilon > 0` added to the std.
 
     Returns:
-        ``(G,)`` advantages (detached).
+        advantages of the shape of ``rewards`` (detached).
 
     Reference: ``flowgrpo``.
     """
-    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or rewards.shape[0] < 2:
-        raise ValueError(f"rewards must be a (G,) tensor with G >= 2, got {getattr(rewards, 'shape', type(rewards))}")
+    if not isinstance(rewards, Tensor) or rewards.dim() not in (1, 2) or rewards.shape[-1] < 2:
+        raise ValueError(f"rewards must be a (G,) or (n_groups, G) tensor with G >= 2, got "
+                         f"{getattr(rewards, 'shape', type(rewards))}")
     if not torch.is_floating_point(rewards) or not bool(torch.isfinite(rewards).all()):
         raise ValueError(f"rewards must be finite floating values, got {rewards.detach().flatten()[:6].tolist()}")
     if ddof not in (0, 1):
@@ -327,6 +329,6 @@ def group_advantages(rewards: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Te
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     r = rewards.detach()
-    centred = r - r.mean()
-    std = torch.sqrt(centred.pow(2).sum() / (r.shape[0] - ddof))
+    centred = r - r.mean(-1, keepdim=True)
+    std = torch.sqrt(centred.pow(2).sum(-1, keepdim=True) / (r.shape[-1] - ddof))
     return centred / (std + eps)

@@ -147,14 +147,27 @@ class AdvantageSpec:
         ddof: 0 (Flow-GRPO) or 1.
         eps: :math:`\epsilon > 0`.
         clip: :math:`c > 0` or ``None``.
+        group_size: ``None``: a group's rewards are normalised together; an int ``G``: in consecutive
+            chunks of ``G`` (one batch carrying several groups, e.g. several prompts' or stacked toy
+            runs' groups; the group's size must be a multiple of ``G``).
     """
 
     ddof: int = 0
     eps: float = 1e-4
     clip: Optional[float] = None
+    group_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2):
+            raise ValueError(f"AdvantageSpec.group_size must be an int >= 2 or None, got {g!r}")
 
     def __call__(self, rewards: Tensor) -> Tensor:
-        adv = group_advantages(rewards, ddof=self.ddof, eps=self.eps)
+        g = self.group_size
+        if g is not None and (rewards.dim() != 1 or rewards.shape[0] % g):
+            raise ValueError(f"rewards must be (B,) with B a multiple of group_size {g}, got {tuple(rewards.shape)}")
+        r = rewards if g is None else rewards.reshape(-1, g)
+        adv = group_advantages(r, ddof=self.ddof, eps=self.eps).reshape(rewards.shape)
         return adv if self.clip is None else adv.clamp(-self.clip, self.clip)
 
 

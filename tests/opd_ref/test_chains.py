@@ -24,11 +24,13 @@ from opd_ref.chains import (
     per_step_kls,
     sequence_log_ratio,
 )
+from opd_ref.divergences import gaussian_log_prob
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
 from opd_ref.kernels import cps_step, sde_step
 from tests.toys._fixtures import F64, three_mode_gmm
 from toys.gmm import GaussianMixture
 from toys.rewards import LinearReward, QuadraticReward
-from toys.samplers import evaluate_along, rollout, sigma_grid
 
 STUDENT = GaussianMixture.gaussian(torch.tensor([0.5, -0.2], dtype=F64), torch.tensor([[0.6, 0.2], [0.2, 0.4]], dtype=F64))
 TEACHER = GaussianMixture.gaussian(torch.tensor([0.1, 0.4], dtype=F64), torch.tensor([[0.3, -0.1], [-0.1, 0.7]], dtype=F64))
@@ -120,12 +122,18 @@ def test_monte_carlo_sequence_log_ratio_agrees_with_per_step_sum_on_gmms() -> No
     B = 4000
     sigmas = sigma_grid(10, sigma_max=0.95)
     x0 = p.marginal(0.95).sample(B, torch.Generator().manual_seed(1))
-    traj = rollout(p.velocity, x0, sigmas, "sde", 0.8, torch.Generator().manual_seed(2))
-    ev = evaluate_along(teacher.velocity, traj)
+    traj = rollout(p.velocity, x0, sigmas, KernelSpec("sde", 0.8), torch.Generator().manual_seed(2))
     assert bool(traj.stochastic.all())
-    seq = sequence_log_ratio(traj.log_probs, ev.log_probs)
-    kl_sum = path_kl(traj.means, traj.stds, ev.means, ev.stds)
-    torch.testing.assert_close(ev.stds, traj.stds)
+    # the teacher's kernels at the student's states (opd_ref.kernels, independently of the engine)
+    steps_t = [sde_step(traj.states[n], teacher.velocity(traj.states[n], float(sigmas[n])), float(sigmas[n]),
+                        float(sigmas[n + 1]), 0.8) for n in range(traj.n_steps)]
+    means_t = torch.stack([st.mean for st in steps_t])
+    stds_t = torch.stack([st.std.expand(B, 1)[:, 0] for st in steps_t])
+    lp_t = torch.stack([gaussian_log_prob(traj.states[n + 1], st) for n, st in enumerate(steps_t)])
+    stds = traj.stds[:, None].expand(-1, B)
+    seq = sequence_log_ratio(traj.log_probs, lp_t)
+    kl_sum = path_kl(traj.means, stds, means_t, stds_t)
+    torch.testing.assert_close(stds_t, stds)
     m_kl = float(kl_sum.mean())
     assert m_kl > 0.05  # a non-trivial pair
     assert abs(float(seq.mean()) - m_kl) <= 5.0 * (2.0 * m_kl / B) ** 0.5

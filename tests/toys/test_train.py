@@ -10,7 +10,9 @@ from toys.experiments.training import exact_kl, expected_reward
 from toys.gmm import GaussianMixture
 from toys.metrics import energy_distance, euler_flow_log_prob, grid_kl
 from toys.students import GMMStudent
-from toys.train import Trainer, TrainConfig, group_advantages
+from opd_ref.engine import AdvantageSpec, KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
+from toys.train import Trainer, TrainConfig
 
 SETTING = default_setting()
 
@@ -19,7 +21,7 @@ SETTING = default_setting()
 def test_opd_kl_parametric_student_reaches_the_tilted_target():
     # deterministic (seeded); start KL(p_ref || p*_0) = 4.38 nats, measured end 0.065 nats
     st = GMMStudent(SETTING.p_ref, 1)
-    tr = Trainer(st, [SETTING.targets[0].velocity], TrainConfig("opd_kl", noise_level=0.7, batch_size=64, lr=0.05), seed=0)
+    tr = Trainer(st, [SETTING.targets[0]], TrainConfig("opd_kl", noise_level=0.7, batch_size=64, lr=0.05), seed=0)
     kl0 = exact_kl(st, SETTING.targets[0], SETTING)
     for _ in range(100):
         tr.update([0])
@@ -44,9 +46,8 @@ def test_euler_sampler_density_is_exact_for_a_gaussian():
     p = GaussianMixture.gaussian(torch.tensor([0.5, -1.0], dtype=torch.float64),
                                  torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=torch.float64))
     x, lp = euler_flow_log_prob(p.velocity, 50, 8, torch.Generator().manual_seed(0))
-    from toys.samplers import ode_rollout, sigma_grid
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    out = ode_rollout(p.velocity, pts, sigma_grid(8)).states[-1]
+    out = rollout(p.velocity, pts, sigma_grid(8), KernelSpec("ode")).final
     b = out[0]
     A = torch.stack([out[1] - b, out[2] - b], dim=1)
     ref = torch.distributions.MultivariateNormal(b, covariance_matrix=A @ A.T).log_prob(x)
@@ -54,12 +55,20 @@ def test_euler_sampler_density_is_exact_for_a_gaussian():
 
 
 def test_group_advantages_are_standardised_per_group():
+    """The trainer's normaliser is the engine's AdvantageSpec, chunked per group of group_size rows."""
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 11.0, 13.0], dtype=torch.float64)
-    a = group_advantages(r, 4)
+    a = AdvantageSpec(ddof=1, eps=1e-8, group_size=4)(r)
     for g in a.reshape(2, 4):
         assert abs(float(g.mean())) < 1e-12 and abs(float(g.std()) - 1) < 1e-6
-    with pytest.raises(ValueError, match="multiple of 3"):
-        group_advantages(r, 3)
+    # the default (Flow-GRPO: population std + 1e-4), written anew
+    b = AdvantageSpec(group_size=4)(r)
+    for g, rg in zip(b.reshape(2, 4), r.reshape(2, 4)):
+        c = rg - rg.mean()
+        torch.testing.assert_close(g, c / ((c**2).mean().sqrt() + 1e-4), rtol=1e-14, atol=1e-14)
+    assert Trainer(GMMStudent(SETTING.p_ref), [], TrainConfig("grpo", batch_size=8, group_size=4),
+                   reference=SETTING.p_ref, rewards=SETTING.rewards[:1]).advantages.group_size == 4
+    with pytest.raises(ValueError, match="multiple of group_size 3"):
+        AdvantageSpec(group_size=3)(r)
 
 
 def test_energy_distance():
@@ -70,7 +79,7 @@ def test_energy_distance():
 
 def test_train_config_rejects_bad_input():
     with pytest.raises(ValueError, match="method"):
-        TrainConfig("ppo2")
+        TrainConfig("ppo")  # the old toys name: the engine's is ppo_opd
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig("opd_kl", batch_size=0)
     with pytest.raises(ValueError, match="noise_level"):

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from opd_ref import ode_matching_loss, ode_step, opd_kl_loss, sde_step
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
 from opd_ref.losses import deterministic_limit_weight
 from toys.experiments import default_setting
 from toys.experiments.variance import make_student
 from toys.figures import plt, save
-from toys.train import sigma_grid
 
 
 #: sizes of quick and full mode (tests shrink QUICK)
@@ -60,11 +61,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     metrics, rows = [], []
     worst_exact, worst_weight, worst_cos = 0.0, 0.0, 0.0
     curves = {}
-    with torch.no_grad():  # one ODE rollout of the student gives the states
-        states = [x]
-        for n in range(n_steps - 1):
-            x = ode_step(x, student.velocity(x, float(sig[n]), 0), float(sig[n]), float(sig[n + 1]))
-            states.append(x)
+    # one ODE rollout of the student (the engine's) gives the states x_0 .. x_{N-1}
+    states = rollout(lambda z, s: student.velocity(z, s, 0), x, sig[:n_steps], KernelSpec("ode")).states
     for n in range(1, n_steps):
         s0, s1 = float(sig[n]), float(sig[n + 1])
         xs = states[n]

@@ -1,7 +1,8 @@
 r"""Multi-task OPD (D13) vs joint multi-reward GRPO vs cascade GRPO, with forgetting.
 
 One task-conditioned student (a) (exact :math:`v_{ref}` + zero-initialised residual MLP on
-:math:`(x,\sigma,k)`) serves the ``K = 3`` tasks of the shared setting.
+:math:`(x,\sigma,k)`) serves the ``K = 3`` tasks of the shared setting; every update is an
+``opd_ref.engine`` update, with the seeds' students stacked in one rollout.
 
 * ``opd``: DiffusionOPD closed-form KL, teachers = exact tilted flows :math:`v_{p^*_k}`, round-robin
   gradient accumulation over the tasks in every update (D13);
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 from toys.experiments import TASK_NAMES, default_setting
 from toys.figures import COLORS, LABELS, plot_density, plt, save
 from toys.metrics import forgetting, mass_error, ode_likelihood_gap, sampler_kl
-from toys.students import ResidualMLPStudent
-from toys.samplers import ode_rollout, sigma_grid
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
+from toys.students import ResidualMLPStudent, StackedMLPStudent
 from toys.train import Trainer, TrainConfig, task_schedule
 
 EVAL_STEPS = 24
@@ -48,66 +50,83 @@ def per_task_kl(student, setting, n: int, seed: int) -> List[float]:
                        n=n, n_steps=EVAL_STEPS, seed=seed)[0] for k in range(setting.n_tasks)]
 
 
-def train_rl_teachers(setting, seed: int, n_updates: int, batch_size: int, noise_level: float, lr: float):
-    """Stage 1 of the two-stage recipe: one single-task GRPO teacher (student (a)) per task.
+def euler_samples(velocity, x0: torch.Tensor, n_steps: int = EVAL_STEPS) -> torch.Tensor:
+    """Final states of the ``n_steps``-step Euler (ODE) sampler of ``velocity`` from ``x0`` (engine rollout)."""
+    return rollout(velocity, x0, sigma_grid(n_steps), KernelSpec("ode")).final
 
-    Returns ``(teacher velocities, total forward passes, total seconds)``."""
+
+def stacked_students(setting, seeds: Sequence[int], n_tasks: int, offset: int = 0) -> StackedMLPStudent:
+    """One zero-initialised student (a) per seed (initialised under ``torch.manual_seed(seed + offset)``), stacked."""
+    students = []
+    for seed in seeds:
+        torch.manual_seed(seed + offset)
+        students.append(ResidualMLPStudent(setting.p_ref, n_tasks, hidden=64))
+    return StackedMLPStudent(students)
+
+
+def train_rl_teachers(setting, seeds: Sequence[int], n_updates: int, batch_size: int, noise_level: float, lr: float):
+    """Stage 1 of the two-stage recipe: one single-task GRPO teacher (student (a)) per task and seed, the
+    seeds stacked.
+
+    Returns ``(stacked teachers per task, forward passes per seed, seconds per seed)``."""
     teachers, fp, secs = [], 0, 0.0
     for k in range(setting.n_tasks):
-        torch.manual_seed(seed + 100 * k)
-        t = ResidualMLPStudent(setting.p_ref, 1, hidden=64)
+        t = stacked_students(setting, seeds, 1, offset=100 * k)
         tr = Trainer(t, [], TrainConfig(method="grpo", noise_level=noise_level, batch_size=batch_size, lr=lr,
                                         inner_updates=2, kl_coef=GRPO_KL_COEF),
-                     reference=setting.p_ref.velocity, rewards=[setting.rewards[k]], betas=[setting.betas[k]],
-                     seed=seed + 100 * k)
+                     reference=setting.p_ref, rewards=[setting.rewards[k]], betas=[setting.betas[k]],
+                     seed=seeds[0] + 100 * k)
         for _ in range(n_updates):
             tr.update([0])
-        fp, secs = fp + tr.forward_passes, secs + tr.seconds
-        teachers.append(lambda x, s, t=t: t.velocity(x, s, 0))
+        fp, secs = fp + tr.forward_passes, secs + tr.seconds / len(seeds)
+        teachers.append(t)
     return teachers, fp, secs
 
 
-def train_multitask(method: str, setting, seed: int, *, n_updates: int, n_evals: int, batch_size: int,
-                    noise_level: float, lr: float, n_eval: int, rl_teacher_updates: int = 0) -> dict:
-    """Train one task-conditioned student with ``method`` and log per-task KL at checkpoints."""
-    K = setting.n_tasks
-    torch.manual_seed(seed)
-    student = ResidualMLPStudent(setting.p_ref, K, hidden=64)
+def train_multitask(method: str, setting, seeds: Sequence[int], *, n_updates: int, n_evals: int, batch_size: int,
+                    noise_level: float, lr: float, n_eval: int, rl_teacher_updates: int = 0) -> List[dict]:
+    """Train one task-conditioned student per seed with ``method`` (seeds stacked in one engine rollout)
+    and log per-task KL at checkpoints; returns one log per seed (``seconds`` amortised over the seeds)."""
+    K, S = setting.n_tasks, len(seeds)
+    student = stacked_students(setting, seeds, K)
     base_fp, base_s = 0, 0.0
     if method == "opd_rl_teachers":
-        teachers, base_fp, base_s = train_rl_teachers(setting, seed, rl_teacher_updates, batch_size,
+        teachers, base_fp, base_s = train_rl_teachers(setting, seeds, rl_teacher_updates, batch_size,
                                                       noise_level, lr)
     else:
-        teachers = [t.velocity for t in setting.targets]
+        teachers = list(setting.targets)
     rl = method in ("joint", "cascade")
     cfg = TrainConfig(method="grpo" if rl else "opd_kl", noise_level=noise_level, batch_size=batch_size, lr=lr,
                       inner_updates=2 if rl else 1, kl_coef=GRPO_KL_COEF if rl else None)
-    tr = Trainer(student, [] if rl else teachers, cfg, reference=setting.p_ref.velocity,
-                 rewards=setting.rewards, betas=setting.betas, seed=seed)
+    tr = Trainer(student, [] if rl else teachers, cfg, reference=setting.p_ref,
+                 rewards=setting.rewards, betas=setting.betas, seed=seeds[0])
     schedule = task_schedule("cascade" if method == "cascade" else "round_robin", K, n_updates)
     if method == "cascade":
         evals = {len(schedule) * (j + 1) // (K * n_evals) for j in range(n_evals * K)}  # n_evals per stage
     else:
         evals = {len(schedule) * (j + 1) // n_evals for j in range(n_evals)}
-    log = {"forward_passes": [base_fp], "seconds": [base_s], "kl": [per_task_kl(student, setting, n_eval, seed)],
-           "tasks_seen": [[]]}
+    logs = [{"forward_passes": [base_fp], "seconds": [base_s], "tasks_seen": [[]],
+             "kl": [per_task_kl(student.run(r), setting, n_eval, seed)]} for r, seed in enumerate(seeds)]
     for i, tasks in enumerate(schedule, start=1):
         tr.update(tasks)
         if i in evals:
-            log["forward_passes"].append(base_fp + tr.forward_passes)
-            log["seconds"].append(base_s + tr.seconds)
-            log["kl"].append(per_task_kl(student, setting, n_eval, seed))
-            log["tasks_seen"].append(list(tasks))
-    log["task_updates"] = list(tr.task_updates)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        log["mass_error"] = []
-        for k in range(K):
-            x = torch.randn(1000, 2, generator=gen, dtype=torch.float64)
-            traj = ode_rollout(lambda z, s, k=k: student.velocity(z, s, k), x, sigma_grid(EVAL_STEPS))
-            log["mass_error"].append(mass_error(traj.states[-1], setting.targets[k]))
-    log["student"] = student
-    return log
+            for r, (log, seed) in enumerate(zip(logs, seeds)):
+                log["forward_passes"].append(base_fp + tr.forward_passes)
+                log["seconds"].append(base_s + tr.seconds / S)
+                log["kl"].append(per_task_kl(student.run(r), setting, n_eval, seed))
+                log["tasks_seen"].append(list(tasks))
+    for r, (log, seed) in enumerate(zip(logs, seeds)):
+        st = student.run(r)
+        log["task_updates"] = list(tr.task_updates)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            log["mass_error"] = []
+            for k in range(K):
+                x = torch.randn(1000, 2, generator=gen, dtype=torch.float64)
+                xs = euler_samples(lambda z, s, k=k: st.velocity(z, s, k), x)
+                log["mass_error"].append(mass_error(xs, setting.targets[k]))
+        log["student"] = st
+    return logs
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
@@ -127,16 +146,16 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     methods = ["opd", "joint", "cascade"] + (["opd_rl_teachers"] if cfg["rl_teachers"] else [])
     logs: Dict[str, List[dict]] = {m: [] for m in methods}
     metrics = []
-    bar = tqdm([(m, s) for m in methods for s in seeds], desc="multitask", leave=False)
-    for method, seed in bar:
-        bar.set_postfix_str(f"{method} seed {seed}")
-        log = train_multitask(method, setting, seed, rl_teacher_updates=n_updates, **kw)
-        logs[method].append(log)
-        for j, kl in enumerate(log["kl"]):
-            for k in range(K):
-                metrics.append({"figure": "multitask", "method": method, "seed": seed, "task": k,
-                                "forward_passes": log["forward_passes"][j], "seconds": log["seconds"][j],
-                                "kl": kl[k]})
+    bar = tqdm(methods, desc="multitask", leave=False)
+    for method in bar:
+        bar.set_postfix_str(f"{method}, {len(seeds)} seeds stacked")
+        for seed, log in zip(seeds, train_multitask(method, setting, seeds, rl_teacher_updates=n_updates, **kw)):
+            logs[method].append(log)
+            for j, kl in enumerate(log["kl"]):
+                for k in range(K):
+                    metrics.append({"figure": "multitask", "method": method, "seed": seed, "task": k,
+                                    "forward_passes": log["forward_passes"][j], "seconds": log["seconds"][j],
+                                    "kl": kl[k]})
     final = {m: np.array([lg["kl"][-1] for lg in logs[m]]) for m in methods}  # (seeds, K)
     # ---- summary figure: final per-task KL
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
@@ -180,17 +199,17 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         plot_density(axes[0, k + 1], setting.targets[k].log_prob, f"teacher p*_{k} (exact)")
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(4000, 2, generator=gen, dtype=torch.float64)
-    start_x = ode_rollout(setting.p_ref.velocity, x0, sigma_grid(EVAL_STEPS))
+    start_x = euler_samples(setting.p_ref.velocity, x0)
     for r, label in enumerate(["student start (= p_ref)"] + [f"{LABELS[m]}, end" for m in rows], start=1):
         axes[r, 0].axis("off")
         axes[r, 0].text(0.5, 0.5, label, ha="center", va="center", fontsize=9, wrap=True)
         for k in range(K):
             if r == 1:
-                xs = start_x.states[-1]
+                xs = start_x
             else:
                 st = logs[rows[r - 2]][0]["student"]
                 with torch.no_grad():
-                    xs = ode_rollout(lambda z, s, k=k: st.velocity(z, s, k), x0, sigma_grid(EVAL_STEPS)).states[-1]
+                    xs = euler_samples(lambda z, s, k=k: st.velocity(z, s, k), x0)
             plot_density(axes[r, k + 1], None, f"task {k} (samples)", samples=xs)
     figures.append(save(fig, out_dir, "density_panels.png"))
     # ---- tables and checks

@@ -1,7 +1,8 @@
 r"""Single-task training curves: every OPD method and GRPO on the parametric GMM student (b).
 
 Each task :math:`k` of the shared setting is trained separately (a fresh single-task student per task,
-method and seed); the student starts at :math:`p_{ref}`; its reverse KL to :math:`p^*_k` is exact
+method and seed; all (task, seed) runs of a method are stacked in one engine rollout, each run's
+gradient exactly its own); the student starts at :math:`p_{ref}`; its reverse KL to :math:`p^*_k` is exact
 (quadrature of two closed-form GMM densities, :func:`toys.metrics.grid_kl`).  Curves: one row per
 task, KL vs student forward passes (left) and vs wall-clock seconds (right), one line per method,
 bands = +-1 std over seeds.  Reference: ``diffusionopd`` (closed-form KL vs PPO-style OPD), ``flowgrpo``.
@@ -10,7 +11,7 @@ bands = +-1 std over seeds.  Reference: ``diffusionopd`` (closed-form KL vs PPO-
 from __future__ import annotations
 
 import pathlib
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from toys.experiments import default_setting
 from toys.figures import LABELS, band, plt, save
 from toys.metrics import energy_distance, grid_kl, mass_error
-from toys.students import GMMStudent
+from toys.students import GMMStudent, StackedGMMStudent
 from toys.train import METHODS, Trainer, TrainConfig
 
 
@@ -36,37 +37,62 @@ def expected_reward(p, reward) -> float:
     return float(p.weights @ (-0.5 * quad + p.means @ h) + r0)
 
 
+_TARGET_LOG_PROB: Dict[tuple, tuple] = {}
+
+
 def exact_kl(student: GMMStudent, target, setting, task: int = 0, n: int = 161) -> float:
-    """Reverse KL(p_theta,k || target) by quadrature on the setting's square."""
-    return grid_kl(student.mixture(task).log_prob, target.log_prob, center=setting.center,
+    """Reverse KL(p_theta,k || target) by quadrature on the setting's square (the target's log-density on
+    the grid is computed once per target and grid)."""
+    def log_q(pts: torch.Tensor) -> torch.Tensor:
+        key = (id(target), n, float(setting.half_width))
+        if key not in _TARGET_LOG_PROB:
+            _TARGET_LOG_PROB[key] = (target, target.log_prob(pts))  # keeps target alive: id stays unique
+        return _TARGET_LOG_PROB[key][1]
+
+    return grid_kl(student.mixture(task).log_prob, log_q, center=setting.center,
                    half_width=setting.half_width, n=n)[0]
 
 
-def train_one(method: str, setting, task: int, seed: int, *, n_updates: int, eval_every: int,
-              batch_size: int, noise_level: float, lr: float) -> Dict[str, List[float]]:
-    """Train a fresh single-task :class:`GMMStudent` on task ``task`` with one method; returns the logged curve."""
-    torch.manual_seed(seed)
-    student = GMMStudent(setting.p_ref, 1)
-    target = setting.targets[task]
+def train_runs(method: str, setting, tasks: Sequence[int], seeds: Sequence[int], *, n_updates: int, eval_every: int,
+               batch_size: int, noise_level: float, lr: float) -> Dict[Tuple[int, int], Dict[str, List[float]]]:
+    """Train one fresh single-task :class:`GMMStudent` per (task, seed) with one method, all runs stacked in
+    one engine rollout (:class:`toys.students.StackedGMMStudent`); returns the logged curve of each run.
+
+    Each run has its own parameters, teacher :math:`p^*_k` and reward; its gradient is exactly its own
+    (see :mod:`toys.policy`).  ``seconds`` are the stack's wall clock divided by the number of runs."""
+    runs = [(k, s) for k in tasks for s in seeds]
+    R = len(runs)
+    student = StackedGMMStudent(setting.p_ref, R, 1)
+    targets = [setting.targets[k] for k, _ in runs]
+    betas = {setting.betas[k] for k, _ in runs}
+    if len(betas) != 1:
+        raise ValueError(f"stacked GRPO runs need one KL coefficient, got betas {sorted(betas)}")
     cfg = TrainConfig(method=method, noise_level=noise_level, batch_size=batch_size, lr=lr,
                       inner_updates=2 if method == "grpo" else 1)
-    tr = Trainer(student, [target.velocity], cfg, reference=setting.p_ref.velocity,
-                 rewards=[setting.rewards[task]], betas=[setting.betas[task]], seed=seed)
-    curve = {"update": [0], "forward_passes": [0], "seconds": [0.0], "kl": [exact_kl(student, target, setting)]}
+    tr = Trainer(student, [targets], cfg, reference=setting.p_ref, rewards=[[setting.rewards[k] for k, _ in runs]],
+                 betas=[betas.pop()], seed=int(seeds[0]))
+
+    def kls() -> List[float]:
+        return [exact_kl(student.run(r), targets[r], setting) for r in range(R)]
+
+    curves = {run: {"update": [0], "forward_passes": [0], "seconds": [0.0], "kl": [kl]} for run, kl in zip(runs, kls())}
     for i in range(1, n_updates + 1):
         tr.update([0])
         if i % eval_every == 0:
-            curve["update"].append(i)
-            curve["forward_passes"].append(tr.forward_passes)
-            curve["seconds"].append(tr.seconds)
-            curve["kl"].append(exact_kl(student, target, setting))
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        xs = student.mixture(0).sample(1000, gen)  # the student's only task is ``task``
-        xt = target.sample(1000, gen)
-    curve["energy"] = energy_distance(xs, xt)
-    curve["mass_error"] = mass_error(xs, target)
-    return curve
+            for run, kl in zip(runs, kls()):
+                c = curves[run]
+                c["update"].append(i)
+                c["forward_passes"].append(tr.forward_passes)
+                c["seconds"].append(tr.seconds / R)
+                c["kl"].append(kl)
+    for r, (k, seed) in enumerate(runs):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        with torch.no_grad():
+            xs = student.run(r).mixture(0).sample(1000, gen)  # the run's only task is ``k``
+            xt = setting.targets[k].sample(1000, gen)
+        curves[(k, seed)]["energy"] = energy_distance(xs, xt)
+        curves[(k, seed)]["mass_error"] = mass_error(xs, setting.targets[k])
+    return curves
 
 
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
@@ -84,15 +110,16 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     noise_level, batch_size, lr = cfg["noise_level"], cfg["batch_size"], cfg["lr"]
     curves: Dict[int, Dict[str, List[dict]]] = {k: {m: [] for m in METHODS} for k in tasks}
     metrics = []
-    bar = tqdm([(k, m, s) for k in tasks for m in METHODS for s in seeds], desc="training", leave=False)
-    for task, method, seed in bar:
-        bar.set_postfix_str(f"task {task} {method} seed {seed}")
-        c = train_one(method, setting, task, seed, n_updates=n_updates, eval_every=eval_every,
-                      batch_size=batch_size, noise_level=noise_level, lr=lr)
-        curves[task][method].append(c)
-        for j in range(len(c["update"])):
-            metrics.append({"figure": "training_curves", "method": method, "seed": seed, "task": task,
-                            **{k: c[k][j] for k in ("update", "forward_passes", "seconds", "kl")}})
+    bar = tqdm(METHODS, desc="training", leave=False)
+    for method in bar:
+        bar.set_postfix_str(f"{method}, {len(tasks)} tasks x {len(seeds)} seeds stacked")
+        cs = train_runs(method, setting, tasks, seeds, n_updates=n_updates, eval_every=eval_every,
+                        batch_size=batch_size, noise_level=noise_level, lr=lr)
+        for (task, seed), c in cs.items():
+            curves[task][method].append(c)
+            for j in range(len(c["update"])):
+                metrics.append({"figure": "training_curves", "method": method, "seed": seed, "task": task,
+                                **{k: c[k][j] for k in ("update", "forward_passes", "seconds", "kl")}})
     # ---- figure: one row per task, KL vs forward passes (left) and vs seconds (right)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.0 * len(tasks) + 0.6), squeeze=False)
     for task in tasks:
@@ -103,7 +130,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
             band(row[0], np.mean([c["forward_passes"] for c in cs], 0), kl, method)
             band(row[1], np.mean([c["seconds"] for c in cs], 0), kl, method)
         row[0].set_xlabel("student forward passes (velocity evaluations, samples × steps)", fontsize=8)
-        row[1].set_xlabel("wall-clock training seconds (excl. evaluation)", fontsize=8)
+        row[1].set_xlabel("training seconds per run (stacked runs, amortised; excl. evaluation)", fontsize=8)
         for ax in row:
             ax.set_ylabel(f"exact KL(p_θ ‖ p*_{task})  (nats)")
             ax.set_yscale("log")

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from opd_ref import sde_step
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
 from opd_ref.estimators import ESTIMATORS, analytic_moments, estimator_surrogate, per_sample_grads
 from toys.experiments import default_setting
 from toys.figures import COLORS, LABELS, plt, save
 from toys.students import ResidualMLPStudent
-from toys.train import sigma_grid
 
 #: sample sizes of quick and full mode (tests shrink QUICK)
 QUICK = dict(n_mc=2000, a_values=[0.1, 0.2, 0.35, 0.5, 0.7, 1.0], n_roll=256, n_states=8, n_mc_sig=256)
@@ -101,14 +102,8 @@ def rollout_gradients(student, teacher, a: float, n_steps: int, n_roll: int, gen
     """Per-rollout gradients ``(R, P)`` of the summed per-step surrogate along SDE student rollouts."""
     sig = sigma_grid(n_steps)
     x = torch.randn(n_roll, 2, generator=gen, dtype=torch.float64)
-    xs, nexts = [], []
-    with torch.no_grad():
-        for n in range(n_steps):
-            step, _ = _kernels(student, teacher, x, float(sig[n]), float(sig[n + 1]), a)
-            xn = step.sample(gen)
-            xs.append(x)
-            nexts.append(xn)
-            x = xn
+    traj = rollout(lambda z, s: student.velocity(z, s, 0), x, sig, KernelSpec("sde", a, "flowgrpo"), gen)
+    xs, nexts = traj.states[:-1], traj.states[1:]
     out = {}
     for name in ESTIMATORS:
         rep = student.replicated_params(n_roll)
@@ -222,21 +217,19 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     n_states = cfg["n_states"]
     n_mc_sig = cfg["n_mc_sig"]
     x = torch.randn(n_states, 2, generator=gen, dtype=torch.float64)
+    states = rollout(lambda z, s: student.velocity(z, s, 0), x, sig, KernelSpec("sde", a_sig, "flowgrpo"), gen).states
     per_sigma = []
     for n in range(n_steps):
         s0, s1 = float(sig[n]), float(sig[n + 1])
         acc = {name: {"var_analytic": 0.0, "var_mc": 0.0} for name in ESTIMATORS}
         for i in range(n_states):
-            r = conditional(student, teacher, x[i:i + 1], s0, s1, a_sig, n_mc_sig, gen)
+            r = conditional(student, teacher, states[n][i:i + 1], s0, s1, a_sig, n_mc_sig, gen)
             for name in ESTIMATORS:
                 acc[name]["var_analytic"] += r[name]["var_analytic"] / n_states
                 acc[name]["var_mc"] += r[name]["var_mc"] / n_states
         per_sigma.append(acc)
         for name in ESTIMATORS:
             metrics.append({"figure": "variance_vs_sigma", "sigma": s0, "a": a_sig, "estimator": name, **acc[name]})
-        with torch.no_grad():
-            step, _ = _kernels(student, teacher, x, s0, s1, a_sig)
-            x = step.sample(gen)
     fig, ax = plt.subplots(figsize=(5.6, 4))
     sig_np = sig[:-1].numpy()
     for name in ESTIMATORS[1:]:

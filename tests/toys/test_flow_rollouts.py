@@ -1,4 +1,4 @@
-"""Rollouts built on opd_ref.kernels: bookkeeping, sigma = 1 handling, exactness of the flow."""
+"""The engine's rollout on exact toy flows: bookkeeping, sigma = 1 handling, exactness of the flow."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from opd_ref.divergences import gaussian_log_prob
-from opd_ref.kernels import GaussianStep, ode_step, sde_step
+from opd_ref.engine import KernelSpec, rollout
+from opd_ref.engine.grid import sigma_grid
+from opd_ref.kernels import GaussianStep, cps_step, ode_step, sde_step
 from tests.toys._fixtures import F64, three_mode_gmm
 from toys.gmm import GaussianMixture
-from toys.samplers import cps_rollout, evaluate_along, ode_rollout, rollout, sde_rollout, sigma_grid
+
+ODE = KernelSpec("ode")
+
+
+def _kernel(kind: str, a: float = 0.0, sigma_one: str = "ode") -> KernelSpec:
+    """The toys' former sampler defaults: the SDE's first step at sigma = 1 is the Euler step."""
+    return ODE if kind == "ode" else KernelSpec(kind, a, sigma_one)
 
 
 def test_sigma_grid_endpoints_shift_and_bad_input() -> None:
@@ -28,47 +36,58 @@ def test_trajectory_bookkeeping_matches_the_kernels() -> None:
     p = three_mode_gmm()
     sig = sigma_grid(6)
     x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    tr = sde_rollout(p.velocity, x0, sig, 0.7, torch.Generator().manual_seed(1))
+    tr = rollout(p.velocity, x0, sig, _kernel("sde", 0.7), torch.Generator().manual_seed(1))
     assert tr.states.shape == (7, 5, 2) and tr.means.shape == (6, 5, 2) and tr.log_probs.shape == (6, 5)
-    assert tr.stochastic.tolist() == [False] + [True] * 5  # default: Euler first step at sigma = 1
+    assert tr.stochastic.tolist() == [False] + [True] * 5  # sigma_one="ode": Euler first step at sigma = 1
     torch.testing.assert_close(tr.states[1], ode_step(x0, p.velocity(x0, 1.0), 1.0, float(sig[1])))
     for n in range(1, 6):
         x, s, sn = tr.states[n], float(sig[n]), float(sig[n + 1])
         st = sde_step(x, p.velocity(x, s), s, sn, 0.7)
         torch.testing.assert_close(tr.means[n], st.mean)
-        torch.testing.assert_close(tr.stds[n], st.std.flatten())
+        torch.testing.assert_close(torch.full((5,), float(tr.stds[n]), dtype=F64), st.std.flatten())
         torch.testing.assert_close(tr.log_probs[n], gaussian_log_prob(tr.states[n + 1], st))
     torch.testing.assert_close(tr.total_log_prob(), tr.log_probs[1:].sum(0))
-    # replaying the same velocity reproduces the log-probs
-    ev = evaluate_along(p.velocity, tr)
-    torch.testing.assert_close(ev.log_probs, tr.log_probs)
-    torch.testing.assert_close(ev.means, tr.means)
+    # replaying the same velocity at the stored states reproduces the draws and the log-probs
+    for n in range(6):
+        t = tr.transition(n)
+        mean = t.coef.mean(t.x, p.velocity(t.x, t.sigma))
+        torch.testing.assert_close(mean + t.coef.std * t.noise, t.x_next)
+        if t.coef.stochastic:
+            torch.testing.assert_close(gaussian_log_prob(t.x_next, GaussianStep(mean, torch.tensor(t.coef.std, dtype=F64))),
+                                       tr.log_probs[n])
 
 
 def test_sigma_one_conventions() -> None:
     p = three_mode_gmm()
     sig = sigma_grid(4)
     x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    with pytest.raises(ValueError, match="sigma = 1"):
-        sde_rollout(p.velocity, x0, sig, 0.7, sigma_one="error")
-    tr = sde_rollout(p.velocity, x0, sig, 0.7, torch.Generator().manual_seed(2), sigma_one="flowgrpo")
+    with pytest.raises(ValueError, match="SDE std is infinite"):
+        rollout(p.velocity, x0, sig, KernelSpec("sde", 0.7, "error"))
+    tr = rollout(p.velocity, x0, sig, KernelSpec("sde", 0.7, "flowgrpo"), torch.Generator().manual_seed(2))
     assert bool(tr.stochastic.all())
     st = sde_step(x0, p.velocity(x0, 1.0), 1.0, float(sig[1]), 0.7, sigma_one="flowgrpo")
     torch.testing.assert_close(tr.means[0], st.mean)
     # CPS is finite at sigma = 1 and deterministic at sigma_next = 0
-    trc = cps_rollout(p.velocity, x0, sig, 0.5, torch.Generator().manual_seed(3))
+    trc = rollout(p.velocity, x0, sig, KernelSpec("cps", 0.5), torch.Generator().manual_seed(3))
     assert trc.stochastic.tolist() == [True, True, True, False]
     assert float(trc.stds[-1].abs().max()) == 0.0
 
 
-def test_zero_noise_sde_and_cps_equal_the_ode_rollout() -> None:
+def test_vanishing_noise_sde_and_cps_tend_to_the_ode_rollout() -> None:
+    """a = 0 is the ODE (the kernel spec refuses it for sde/cps and names kind='ode'); as a -> 0 the SDE
+    and CPS rollouts tend to the Euler rollout (their std is O(a), their mean O(a^2) away)."""
     p = three_mode_gmm()
     sig = sigma_grid(5, shift=2.0)
     x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
-    ode = ode_rollout(p.velocity, x0, sig)
-    for tr in (sde_rollout(p.velocity, x0, sig, 0.0), cps_rollout(p.velocity, x0, sig, 0.0)):
-        torch.testing.assert_close(tr.states, ode.states, rtol=1e-13, atol=1e-13)
-        assert not bool(tr.stochastic.any())
+    ode = rollout(p.velocity, x0, sig, ODE)
+    assert not bool(ode.stochastic.any())
+    for kind in ("sde", "cps"):
+        with pytest.raises(ValueError, match="kind='ode'"):
+            KernelSpec(kind, 0.0)
+        tr = rollout(p.velocity, x0, sig, KernelSpec(kind, 1e-12, "ode"), torch.Generator().manual_seed(6))
+        torch.testing.assert_close(tr.states, ode.states, rtol=1e-10, atol=1e-10)
+        far = rollout(p.velocity, x0, sig, KernelSpec(kind, 0.5, "ode"), torch.Generator().manual_seed(6))
+        assert float((far.states - ode.states).abs().max()) > 1e-3  # the tolerance above can fail
 
 
 def test_rollout_gradients_only_when_asked() -> None:
@@ -78,9 +97,9 @@ def test_rollout_gradients_only_when_asked() -> None:
     def v(x, s):
         return GaussianMixture.gaussian(mean, torch.eye(2, dtype=F64)).velocity(x, s)
 
-    tr = ode_rollout(v, x0, sigma_grid(3))
+    tr = rollout(v, x0, sigma_grid(3), ODE)
     assert not tr.final.requires_grad
-    tr = ode_rollout(v, x0, sigma_grid(3), grad=True)
+    tr = rollout(v, x0, sigma_grid(3), ODE, grad=True)
     (g,) = torch.autograd.grad(tr.final.sum(), mean)
     # N(m, I) data: e_n = dx_n/dm - (1 - sigma_n) obeys e_{n+1} = e_n (1 + dt k_n) with e_0 = 0 (x_init is
     # fixed, sigma_0 = 1), so every Euler state has dx_n/dm = (1 - sigma_n) I exactly; at sigma_N = 0 the
@@ -91,20 +110,21 @@ def test_rollout_gradients_only_when_asked() -> None:
 def test_bad_input_raises() -> None:
     p = three_mode_gmm()
     x0 = torch.zeros(3, 2, dtype=F64)
+    sde = KernelSpec("sde", 0.7)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        rollout(p.velocity, x0, torch.tensor([0.5, 0.7], dtype=F64))
+        rollout(p.velocity, x0, torch.tensor([0.5, 0.7], dtype=F64), sde)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        rollout(p.velocity, x0, torch.tensor([1.5, 0.7], dtype=F64))
+        rollout(p.velocity, x0, torch.tensor([1.5, 0.7], dtype=F64), sde)
     with pytest.raises(ValueError, match="kind"):
-        rollout(p.velocity, x0, sigma_grid(2), "euler")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="x_init"):
-        rollout(p.velocity, torch.zeros(3, dtype=F64), sigma_grid(2))
+        KernelSpec("euler")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="x0"):
+        rollout(p.velocity, torch.zeros(3, dtype=F64), sigma_grid(2), sde)
     with pytest.raises(ValueError, match="noise_level"):
-        cps_rollout(p.velocity, x0, sigma_grid(2), 1.5)
+        KernelSpec("cps", 1.5)
     with pytest.raises(ValueError, match="velocity returned"):
-        rollout(lambda x, s: x[:, :1], x0, sigma_grid(2))
-    with pytest.raises(TypeError, match="Trajectory"):
-        evaluate_along(p.velocity, GaussianStep(x0, torch.ones(3, 1, dtype=F64)))  # type: ignore[arg-type]
+        rollout(lambda x, s: x[:, :1], x0, sigma_grid(2), sde)
+    with pytest.raises(TypeError, match="KernelSpec"):
+        rollout(p.velocity, x0, sigma_grid(2), "sde")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,11 +138,11 @@ def _affine_rollout_law(gmm: GaussianMixture, sigmas: torch.Tensor, kind: str, a
     from opd_ref.chains import LinearGaussianChain, linear_gaussian_marginals
 
     pts = torch.cat([torch.zeros(1, 2, dtype=F64), torch.eye(2, dtype=F64)])
-    tr = rollout(gmm.velocity, pts, sigmas, kind, a, torch.Generator().manual_seed(0))
+    tr = rollout(gmm.velocity, pts, sigmas, _kernel(kind, a), torch.Generator().manual_seed(0))
     X = torch.cat([tr.states[:-1], torch.ones(tr.n_steps, 3, 1, dtype=F64)], -1)  # (N, 3, 3)
     coef = torch.linalg.solve(X, tr.means)  # (N, 3, 2): rows A^T then b
     A, b = coef[:, :2].transpose(-1, -2), coef[:, 2]
-    chain = LinearGaussianChain(A, b, tr.stds[:, 0])
+    chain = LinearGaussianChain(A, b, tr.stds)
     mus, covs = linear_gaussian_marginals(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64), chain)
     return GaussianMixture.gaussian(mus[-1], covs[-1])
 
@@ -180,7 +200,7 @@ def test_rollout_with_exact_velocity_carries_noise_to_the_gmm(kind: str, a: floa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny ops: one thread is several times faster on a shared machine
     try:
-        xf = rollout(p.velocity, x0, sigma_grid(64), kind, a, torch.Generator().manual_seed(8)).final
+        xf = rollout(p.velocity, x0, sigma_grid(64), _kernel(kind, a), torch.Generator().manual_seed(8)).final
     finally:
         torch.set_num_threads(threads)
     mu = p.mean()

@@ -36,6 +36,7 @@ REGISTRY: Dict[str, str] = {
     "multitask": "toys.experiments.multitask",
     "crd_centering": "toys.experiments.crd_centering",
     "divergence_family": "toys.experiments.divergence_family",
+    "dimo": "toys.experiments.dimo",
 }
 
 

@@ -189,12 +189,14 @@ def train_dimo(toy: DiMOToy, r_init: float, psi_mode: str, beta: float, *, seed:
 
 
 def noise_free_run(toy: DiMOToy, r_init: float, beta: float, *, steps: int, lr: float,
-                   n_logged: int = 10) -> List[dict]:
+                   n_logged: int = 10, z0: Optional[Tensor] = None) -> List[dict]:
     r"""Di[M]O's exact expected update (exact :math:`\psi`, no sampling noise), Adam with learning
-    rate ``lr``; logs the metrics and the cosine between the update and the autograd gradient of
-    :meth:`DiMOToy.frozen_objective` at ``n_logged + 1`` steps."""
+    rate ``lr``, from the teacher-initialised logits (or ``z0``); logs the metrics and the cosine
+    between the update and the autograd gradient of :meth:`DiMOToy.frozen_objective` at
+    ``n_logged + 1`` steps (the last row also holds the final ``p_theta``)."""
     states, rho = mdm.init_states(r_init, toy.vocab_size, toy.length)
-    z = mdm.teacher_init_logits(toy.p_data, states, toy.vocab_size).clone().requires_grad_()
+    z0 = mdm.teacher_init_logits(toy.p_data, states, toy.vocab_size) if z0 is None else z0
+    z = z0.detach().clone().requires_grad_()
     opt = torch.optim.Adam([z], lr=lr)
     log_at = set(np.linspace(0, steps, n_logged + 1).round().astype(int).tolist())
     rows = []
@@ -212,6 +214,7 @@ def noise_free_run(toy: DiMOToy, r_init: float, beta: float, *, steps: int, lr: 
         opt.zero_grad()
         z.grad = update
         opt.step()
+    rows[-1]["p_theta"] = mdm.generator_distribution(z.detach(), rho)
     return rows
 
 
@@ -262,9 +265,17 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     betas_nf = tuple(cfg["noise_free_betas"])
     noise_free = {(init, b): noise_free_run(toy, r, b, steps=cfg["noise_free_steps"], lr=cfg["lr_g"])
                   for init, r in INITS.items() for b in betas_nf}
+    # the fully masked prior from random starts (logits ~ N(0, 3^2)): where does the product go?
+    gen0 = torch.Generator().manual_seed(1234)
+    random_starts = [noise_free_run(toy, 1.0, BETA, steps=cfg["noise_free_steps"], lr=cfg["lr_g"], n_logged=1,
+                                    z0=3.0 * torch.randn(1, toy.length, V, generator=gen0, dtype=torch.float64))
+                     for _ in range(3)]
+    p_fm = noise_free[("fully masked", BETA)][-1]["p_theta"]
+    start_spread = max(0.5 * float((r[-1]["p_theta"] - p_fm).abs().sum()) for r in random_starts)
     for (init, b), rows in noise_free.items():
         for r in rows:
-            metrics.append({"figure": "dimo_noise_free", "init": init, "beta": b, **r})
+            metrics.append({"figure": "dimo_noise_free", "init": init, "beta": b,
+                            **{k: v for k, v in r.items() if k != "p_theta"}})
     floor, p_best_product = product_family_floor(toy)
 
     def final(init, psi_mode, key):
@@ -359,16 +370,20 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
                           + " | ".join(_fmt_pm(mm[:, k]) for k in range(V + 1)) + " |")
     init_kl = noise_free[("hybrid", BETA)][0]["kl"]
     init_kl_fm = noise_free[("fully masked", BETA)][0]["kl"]
-    rows_nf = ["| prior | beta | KL at start | final KL(p_theta‖p_data) | final KL(p_data‖p_theta) | "
-               "cos(update, exact grad) at start | at end |", "|---|---|---|---|---|---|---|"]
+    rows_nf = ["| prior | start | beta | KL at start | final KL(p_theta‖p_data) | final KL(p_data‖p_theta) | "
+               "cos(update, exact grad) at start | at end |", "|---|---|---|---|---|---|---|---|"]
     for (init, b), rows in noise_free.items():
-        rows_nf.append(f"| {init} | {b:g} | {rows[0]['kl']:.4f} | {rows[-1]['kl']:.4f} | {rows[-1]['forward_kl']:.4f} | "
-                       f"{rows[0]['cosine']:.4f} | {rows[-1]['cosine']:.4f} |")
+        rows_nf.append(f"| {init} | teacher | {b:g} | {rows[0]['kl']:.4f} | {rows[-1]['kl']:.4f} | "
+                       f"{rows[-1]['forward_kl']:.4f} | {rows[0]['cosine']:.4f} | {rows[-1]['cosine']:.4f} |")
+    for j, rows in enumerate(random_starts):
+        rows_nf.append(f"| fully masked | random {j} | {BETA:g} | {rows[0]['kl']:.4f} | {rows[-1]['kl']:.4f} | "
+                       f"{rows[-1]['forward_kl']:.4f} | {rows[0]['cosine']:.4f} | {rows[-1]['cosine']:.4f} |")
 
     # ------------------------------------------------------------------ checks
     nf_fm = [r for b in betas_nf for r in noise_free[("fully masked", b)]]
-    cos_gap = max(abs(1.0 - r["cosine"]) for r in nf_fm if r["update_norm"] > 1e-10)
-    rel_gap = max(r["rel_gap"] for r in nf_fm if r["update_norm"] > 1e-10)
+    # once converged (|update| ~ 1e-12) both vectors are rounding noise: compare where |update| > 1e-6
+    cos_gap = max(abs(1.0 - r["cosine"]) for r in nf_fm if r["update_norm"] > 1e-6)
+    rel_gap = max(r["rel_gap"] for r in nf_fm if r["update_norm"] > 1e-6)
     hyb_cos0 = max(noise_free[("hybrid", b)][0]["cosine"] for b in betas_nf)
     hyb_exact = float(np.mean(final("hybrid", "exact", "kl")))
     hyb_learned = float(np.mean(final("hybrid", "learned", "kl")))
@@ -383,7 +398,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         {"name": "D19: fully masked prior: Di[M]O's expected update is the exact gradient of the frozen-state "
                  "objective (max |1 - cos| along the noise-free runs)", "value": cos_gap,
          "threshold": "< 1e-10", "passed": cos_gap < 1e-10},
-        {"name": "D19: fully masked prior: same, relative error of the update", "value": rel_gap,
+        {"name": "D19: fully masked prior: same, relative error of the update (steps with |update| > 1e-6)",
+         "value": rel_gap,
          "threshold": "< 1e-9", "passed": rel_gap < 1e-9},
         {"name": "D19: hybrid prior: the update is not the frozen-state gradient (max cos at start over beta)",
          "value": hyb_cos0, "threshold": "< 0.99", "passed": hyb_cos0 < 0.99},
@@ -401,6 +417,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
          "threshold": "> 0.2", "passed": fm_off > 0.2},
         {"name": f"Di[M]O fully masked prior: final KL above the best product's {floor:.3f} (min over psi, minus it)",
          "value": fm_gap, "threshold": "> 0.2 nats", "passed": fm_gap > 0.2},
+        {"name": "Di[M]O fully masked prior, noise-free: 3 random starts end at the teacher start's product "
+                 "(max total variation)", "value": start_spread, "threshold": "< 5e-3", "passed": start_spread < 5e-3},
     ]
     tables = {
         f"D19 Di[M]O after {cfg['steps']} generator steps (beta={BETA}, batch {cfg['batch']}, seeds {seeds}; "

@@ -222,7 +222,8 @@ def dimo_psi_loss(psi_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     distribution, lower variance: its conditional mean given :math:`\tilde x` is the same).  Either
     way the minimiser is the exact generator posterior :math:`p_\theta(x^i|\tilde x)` (tested by
     enumeration).  Di[M]O's code adds label smoothing 0.1 to the hard target, which moves the
-    minimiser to :math:`0.9\,p_\theta + 0.1/V`; not done here.
+    minimiser to :math:`0.9\,p_\theta + 0.1/K` over its :math:`K = V + 1` classes; not done
+    here.
 
     Args:
         psi_logits: ``(B, L, V)`` :math:`z_\psi(\tilde x)`, with the gradient to :math:`\psi`.

@@ -15,6 +15,7 @@ from opd_ref.chains import (
     sequence_log_ratio,
 )
 from opd_ref.crd import center_in_groups, crd_loss, implicit_reward, uncentered_reward_loss
+from opd_ref.dimo import dimo_generator_surrogate, dimo_psi_loss, generalized_jeffrey, jeffrey_logit_gradient
 from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.divergences import (
     cps_log_prob_flowgrpo,
@@ -98,4 +99,8 @@ __all__ = [
     "ode_log_likelihood",
     "weighted_denoising_loss",
     "elbo_log_ratio",
+    "generalized_jeffrey",
+    "jeffrey_logit_gradient",
+    "dimo_generator_surrogate",
+    "dimo_psi_loss",
 ]

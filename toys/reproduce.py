@@ -47,6 +47,7 @@ REGISTRY: Dict[str, str] = {
     "multitask": "toys.experiments.multitask",
     "crd_centering": "toys.experiments.crd_centering",
     "divergence_family": "toys.experiments.divergence_family",
+    "dimo": "toys.experiments.dimo",
 }
 
 

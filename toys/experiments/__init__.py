@@ -8,6 +8,9 @@ The setting (DESIGN.md §4): :math:`p_{ref}` an 8-mode 2D Gaussian mixture on a 
 weights and anisotropic covariances; ``K = 3`` tasks with concave rewards :math:`r_k` and temperatures
 :math:`\beta_k`; the exact teachers are the flows of :math:`p^*_k = p_{ref}e^{r_k/\beta_k}/Z_k` (D7).
 
+The continuous experiments share it; ``dimo`` (D19) uses its own exact discrete toy
+(:mod:`toys.mdm`).
+
 Reference: ``diffusionopd`` (task teachers), ``rtdmd`` (reward-tilted targets).
 """
 

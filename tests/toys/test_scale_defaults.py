@@ -17,7 +17,6 @@ import torch
 from opd_ref.engine import (
     AdvantageSpec,
     DistillTask,
-    KernelSpec,
     ObjectiveSpec,
     RolloutBatch,
     UpdateSpec,
@@ -52,8 +51,9 @@ def test_grid_is_the_sd35_schedulers():
 
 def _spec(objective: ObjectiveSpec) -> UpdateSpec:
     assert CFG.train_steps == [] and CFG.kernel == "sde"  # the defaults this test is about
-    return UpdateSpec(sd35_grid(CFG.num_steps), KernelSpec(CFG.kernel, CFG.noise_level, "flowgrpo"), objective,
-                      trained_steps=tuple(CFG.trained_step_indices()), max_grad_norm=CFG.max_grad_norm)
+    # exactly as scale.setup builds its UpdateSpec from a ScaleConfig
+    return UpdateSpec(sd35_grid(CFG.num_steps), CFG.kernel_spec(), objective,
+                      trained_steps=tuple(CFG.train_steps), max_grad_norm=CFG.max_grad_norm)
 
 
 def test_stage2_defaults_reach_every_tilted_target():

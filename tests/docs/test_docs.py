@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import opd_ref
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,19 +182,25 @@ def test_every_public_object_has_a_complete_docstring():
 # the site
 
 
-def test_mkdocs_build_strict(tmp_path):
-    """The whole site builds with ``--strict`` (warnings are errors) and renders the math."""
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """``mkdocs build --strict`` once for the site tests: (return code, log, site folder)."""
     # no importorskip: mkdocs, mkdocs-material and mkdocstrings are in the `test` extra, and CI must
     # fail (not skip) when the site cannot be built
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("mkdocs") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
          "--site-dir", str(site)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    return proc.returncode, proc.stdout + proc.stderr, site
+
+
+def test_mkdocs_build_strict(built_site):
+    """The whole site builds with ``--strict`` (warnings are errors) and renders the math."""
+    returncode, log, site = built_site
+    assert returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
     kernels = (site / "api" / "kernels.html").read_text(encoding="utf-8")
     # the griffe extension turned ``.. math::`` into MathJax display blocks and citation keys into links
     assert '<div class="arithmatex">\\[' in kernels
@@ -201,6 +209,46 @@ def test_mkdocs_build_strict(tmp_path):
         text = page.read_text(encoding="utf-8")
         for raw in (".. math::", ":math:`", ":func:`", ":class:`"):
             assert raw not in text, f"unconverted RST {raw!r} in {page.name}"
+
+
+#: A ``<script src=...>`` or ``<link href=...>`` (stylesheet, preload, icon...) that points outside the
+#: site: an absolute http(s) or protocol-relative URL.
+_EXTERNAL_ASSET = re.compile(
+    r"<(script|link)\b[^>]*?\b(src|href)\s*=\s*[\"']?((?:https?:)?//[^\"'\s>]+)", re.IGNORECASE
+)
+
+
+def external_assets(html: str) -> list[str]:
+    """The scripts and stylesheets an HTML page would load from outside the site."""
+    return [f"<{m.group(1)} {m.group(2)}={m.group(3)}>" for m in _EXTERNAL_ASSET.finditer(html)]
+
+
+def test_external_asset_scan_flags_cdn_loads():
+    # the scanner must see the forms a CDN load takes, or the site test below passes vacuously
+    assert external_assets('<script src="https://unpkg.com/mathjax@3/es5/tex-mml-chtml.js"></script>')
+    assert external_assets("<link rel=stylesheet href='//fonts.googleapis.com/css?family=Roboto'>")
+    assert external_assets('<SCRIPT defer SRC=http://x.org/a.js></SCRIPT>')
+    # links to other sites in the text and local assets are fine
+    assert not external_assets('<a href="https://arxiv.org/abs/2501.0">paper</a>')
+    assert not external_assets('<script src="javascripts/vendor/mathjax/tex-svg-full.js"></script>')
+    assert not external_assets('<link rel="stylesheet" href="../assets/stylesheets/main.css">')
+
+
+def test_site_loads_nothing_from_outside(built_site):
+    """Every built page renders offline: no script or stylesheet comes from another host, and the
+    bundled MathJax the pages load is in the site."""
+    returncode, log, site = built_site
+    assert returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20, f"only {len(pages)} HTML pages built"
+    offenders = {str(p.relative_to(site)): external_assets(p.read_text(encoding="utf-8")) for p in pages}
+    offenders = {page: found for page, found in offenders.items() if found}
+    first = dict(list(offenders.items())[:5])
+    assert not offenders, f"{len(offenders)} pages load from outside the site, e.g. {first}"
+    derivation = (site / "derivations" / "d2-transition-kernels.html").read_text(encoding="utf-8")
+    assert 'src="../javascripts/vendor/mathjax/tex-svg-full.js"' in derivation
+    assert (site / "javascripts" / "vendor" / "mathjax" / "tex-svg-full.js").stat().st_size > 1_000_000
+    assert (site / "javascripts" / "vendor" / "mathjax" / "LICENSE").is_file()
 
 
 def test_every_public_module_has_an_api_page():

@@ -7,7 +7,7 @@
    ``opd_ref.__all__``) has a Google-style docstring with an ``Args:`` section (when it takes
    arguments; a class may list ``Attributes:`` instead), a ``Returns:`` section (functions), a
    ``.. math::`` display block with a formula (an inline ``:math:`` role alone does not count) and a
-   citation key of DESIGN.md.  The test lists every offender by qualified name and what it lacks.
+   citation key (docs/bibliography.md).  The test lists every offender by qualified name and what it lacks.
 3. Every public ``opd_ref`` module has its API page; D1-D13 each have one page with the sections of
    the docs format (Statement, Proof sketch, Code, Tests, Figure), whose code names and test node ids
    exist; the node ids in docs/claims.md exist and every claim row has a verdict.
@@ -31,7 +31,7 @@ import opd_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Citation keys of DESIGN.md ("Sources of the math").
+#: Citation keys (docs/bibliography.md).
 CITATION_KEYS = (
     "diffusionopd",
     "flowgrpo",
@@ -121,13 +121,13 @@ def docstring_problems(obj) -> list:
     if not _MATH_RE.search(doc):
         problems.append(_NO_MATH)
     if not _KEY_RE.search(doc):
-        problems.append("no citation key of DESIGN.md")
+        problems.append("no citation key (docs/bibliography.md)")
     return problems
 
 
 def test_public_api_is_found():
     objs = _public_objects()
-    # The core API of DESIGN.md §3 must be among the checked objects, so the check cannot pass vacuously.
+    # The core API (docs/architecture.md, the API pages) must be among the checked objects, so the check cannot pass vacuously.
     for name in ("opd_ref.kernels.sde_step", "opd_ref.kernels.GaussianStep", "opd_ref.losses.opd_kl_loss",
                  "opd_ref.divergences.same_cov_kl"):
         assert name in objs
@@ -158,7 +158,7 @@ def test_docstring_checker_flags_bad_docstrings():
 
     assert docstring_problems(with_doc(None)) == ["no docstring"]
     assert docstring_problems(with_doc(good_doc)) == []
-    assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key of DESIGN.md"]
+    assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key (docs/bibliography.md)"]
     assert docstring_problems(with_doc(good_doc.replace(".. math::", "Math:"))) == [_NO_MATH]
     # an inline role alone, or a directive without a formula, is not a math block
     inline_only = good_doc.replace(".. math::\n            y = 2x", "Math: :math:`y = 2x`.")
@@ -251,6 +251,17 @@ def test_site_loads_nothing_from_outside(built_site):
     assert (site / "javascripts" / "vendor" / "mathjax" / "LICENSE").is_file()
 
 
+def test_docs_and_code_cite_no_internal_design_file():
+    """Users have the docs, not the maintainers' design notes: the packages, the site and the README
+    point to docs/conventions.md, docs/architecture.md and the derivation pages instead."""
+    sources = [ROOT / "README.md"]
+    for folder in ("opd_ref", "toys", "scale", "docs"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".md", ".yml", ".txt"}]
+    assert len(sources) > 50, f"only {len(sources)} files scanned"
+    offenders = [str(p.relative_to(ROOT)) for p in sources if "DESIGN" + ".md" in p.read_text(encoding="utf-8")]
+    assert not offenders, f"files citing the internal design notes: {offenders}"
+
+
 def test_every_public_module_has_an_api_page():
     missing = []
     for mod in _public_modules():
@@ -335,7 +346,7 @@ def test_derivation_pages_follow_the_docs_format():
         problems.append(f"more than one page for D{dupes}")
     missing = sorted(set(range(1, 14)) - set(numbers))
     if missing:
-        problems.append(f"no page for D{missing} (DESIGN.md has D1-D13)")
+        problems.append(f"no page for D{missing} (the docs have D1-D13)")
     assert not problems, "derivation pages:\n  " + "\n  ".join(problems)
 
 

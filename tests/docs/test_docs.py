@@ -262,6 +262,25 @@ def test_docs_and_code_cite_no_internal_design_file():
     assert not offenders, f"files citing the internal design notes: {offenders}"
 
 
+def nav_pages(entry) -> list[str]:
+    """The page paths of an mkdocs ``nav`` entry (a path, a {title: entry} or a list), in order."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return [page for value in entry.values() for page in nav_pages(value)]
+    return [page for item in entry for page in nav_pages(item)]
+
+
+def test_nav_lists_each_page_once():
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    pages = nav_pages(nav)
+    assert "claims.md" in pages and "scale.md" in pages
+    twice = sorted({page for page in pages if pages.count(page) > 1})
+    assert not twice, f"pages listed more than once in the mkdocs nav: {twice}"
+
+
 def test_every_public_module_has_an_api_page():
     missing = []
     for mod in _public_modules():

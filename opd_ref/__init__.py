@@ -1,8 +1,10 @@
 """opd_ref: the math of on-policy distillation for flow-matching diffusion models.
 
-Every derivation of DESIGN.md §2 is implemented once here; ``toys`` and ``scale`` import it.
+Every derivation D1-D13 of the docs (docs/derivations/, one page each) is implemented once here;
+``toys`` and ``scale`` import it.
 Conventions: ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``, sampling runs
-sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims.
+sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims (docs/conventions.md).
+How ``toys`` and ``scale`` train through the one engine: docs/architecture.md.
 """
 
 from opd_ref.bregman import bregman_divergence, bregman_generator_surrogate, bregman_gradient_weight

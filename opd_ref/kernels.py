@@ -5,7 +5,7 @@ Notation map (paper symbol -> name here): :math:`x_\sigma` -> ``x``, :math:`v_\t
 ``sigma_next``, noise level :math:`a` (Flow-GRPO's ``noise_level`` / :math:`\eta` in CPS) ->
 ``noise_level``, :math:`\Delta t = \sigma_{next} - \sigma < 0` -> ``dt``.
 
-Convention (DESIGN.md §1): ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``,
+Convention (docs/conventions.md): ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``,
 sampling runs sigma: 1 -> 0.  Half-precision (bf16/fp16) states or velocities are computed on in
 float32, so the coefficients never take the rounding of a bf16 sigma (the mean is then float32).
 Every kernel is Gaussian ``N(mean(x, v), std^2 I)`` whose std does not

@@ -27,7 +27,6 @@ Reference: ``diffusionopd``, ``flowgrpo``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -56,7 +55,7 @@ class _Once(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The ``opd-scale`` argument parser (subcommands build-tiny, train, sample, bench)."""
     from opd_ref.engine import KERNEL_KINDS
-    from scale.config import ScaleConfig
+    from scale.config import field_docs
 
     parser = argparse.ArgumentParser(prog="opd-scale", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,9 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config key (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its checkpoint (its config.json is the base config)")
-    for f in dataclasses.fields(ScaleConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest="cfg__" + f.name, default=argparse.SUPPRESS,
-                       action=_Once, metavar="VALUE", help=argparse.SUPPRESS)
+    fields = p.add_argument_group(
+        "config fields", "every ScaleConfig field, as --field-name VALUE or --set field_name=VALUE "
+        "(lists: comma-separated or JSON; booleans: true/false)")
+    for name, typ, default, doc in field_docs():
+        metavar = "LIST" if typ.startswith("List") else typ.upper()
+        fields.add_argument("--" + name.replace("_", "-"), dest="cfg__" + name, default=argparse.SUPPRESS,
+                            action=_Once, metavar=metavar,
+                            help=f"{doc} (default: {default!r})".replace("%", "%%"))
 
     p = sub.add_parser("sample", allow_abbrev=False, help="a grid of images from the base model, a teacher or the student LoRA")
     p.add_argument("--model", required=True, help="pipeline directory or cached hub id")

@@ -11,86 +11,97 @@ Reference: ``diffusionopd`` (two-stage recipe, multi-task OPD), ``flowgrpo`` (GR
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 from opd_ref.engine import KERNEL_KINDS, KL_FORMS, OBJECTIVES, KernelSpec
 from scale.lora import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
 
-__all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value"]
+__all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value", "field_docs"]
 
 #: stage-2 losses: the engine's distillation objectives, and CRD (the student on the task rewards)
 LOSSES = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("distill", "crd"))
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def knob(default: Any, doc: str) -> Any:
+    """A config field and its documentation (what it is, where the default comes from): the one text
+    that ``help(ScaleConfig)`` and ``opd-scale train --help`` show.  A list default is copied per
+    instance."""
+    if isinstance(default, (list, tuple)):
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ScaleConfig:
-    """Every knob of ``opd-scale train``; one comment per field says what it is and where the
-    default comes from."""
+    """Every knob of ``opd-scale train``; each field's documentation (its ``knob``) says what it is
+    and where the default comes from, and is listed under Attributes below."""
 
     # ---- model and run ----------------------------------------------------------------------
-    model: str = ""  # local diffusers directory (or cached hub id) of an SD3 / SD3.5 pipeline; required
-    output_dir: str = "runs/opd"  # run directory: config.json, metrics.jsonl, samples/, checkpoint/, student/
-    dtype: str = "auto"  # weights dtype: auto = bfloat16 on CUDA (Flow-GRPO mixed precision), float32 on CPU
-    seed: int = 0  # master seed; every rollout's noise is derived from (seed, update, task, micro-batch)
+    model: str = knob("", "local diffusers directory (or cached hub id) of an SD3 / SD3.5 pipeline; required")
+    output_dir: str = knob("runs/opd", "run directory: config.json, metrics.jsonl, samples/, checkpoint/, student/")
+    dtype: str = knob("auto", "weights dtype: auto = bfloat16 on CUDA (Flow-GRPO mixed precision), float32 on CPU")
+    seed: int = knob(0, "master seed; every rollout's noise is derived from (seed, update, task, micro-batch)")
 
     # ---- sampler (rollouts) -----------------------------------------------------------------
-    resolution: int = 512  # image side in pixels (Flow-GRPO / DiffusionOPD SD3.5-Medium: 512)
-    num_steps: int = 10  # rollout steps on the scheduler's sigma grid (Flow-GRPO training sampler: 10)
-    kernel: str = "sde"  # transition kernel of the rollouts (opd_ref.engine.KERNEL_KINDS): sde (Flow-GRPO), cps, ode
-    noise_level: float = 0.7  # SDE noise level a (Flow-GRPO: 0.7); ignored by the ode kernel
-    guidance_scale: float = 4.5  # classifier-free guidance for student, teachers and reference (4.5)
-    max_sequence_length: int = 128  # T5 tokens per prompt (Flow-GRPO uses 128 for SD3.5)
-    train_steps: List[int] = field(default_factory=list)  # rollout step indices trained; [] = every stochastic step
+    resolution: int = knob(512, "image side in pixels (Flow-GRPO / DiffusionOPD SD3.5-Medium: 512)")
+    num_steps: int = knob(10, "rollout steps on the scheduler's sigma grid (Flow-GRPO training sampler: 10)")
+    kernel: str = knob("sde", "transition kernel of the rollouts (opd_ref.engine.KERNEL_KINDS): sde (Flow-GRPO), cps, ode")
+    noise_level: float = knob(0.7, "SDE noise level a (Flow-GRPO: 0.7); ignored by the ode kernel")
+    guidance_scale: float = knob(4.5, "classifier-free guidance for student, teachers and reference (4.5)")
+    max_sequence_length: int = knob(128, "T5 tokens per prompt (Flow-GRPO uses 128 for SD3.5)")
+    train_steps: List[int] = knob([], "rollout step indices trained; [] = every stochastic step")
 
     # ---- LoRA ---------------------------------------------------------------------------------
-    lora_rank: int = 32  # LoRA rank r (Flow-GRPO / DiffusionOPD: 32)
-    lora_alpha: int = 64  # LoRA alpha (scale alpha / r = 2; Flow-GRPO: 64)
-    lora_targets: List[str] = field(default_factory=lambda: list(FLOW_GRPO_TARGETS))  # Flow-GRPO targets
+    lora_rank: int = knob(32, "LoRA rank r (Flow-GRPO / DiffusionOPD: 32)")
+    lora_alpha: int = knob(64, "LoRA alpha (scale alpha / r = 2; Flow-GRPO: 64)")
+    lora_targets: List[str] = knob(FLOW_GRPO_TARGETS, "transformer modules given LoRA adapters (Flow-GRPO's SD3.5 attention targets)")
 
     # ---- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = 3e-4  # AdamW learning rate (Flow-GRPO SD3.5 LoRA: 3e-4)
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    weight_decay: float = 1e-4  # AdamW weight decay (Flow-GRPO: 1e-4)
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # gradient clipping of the LoRA parameters (Flow-GRPO: 1.0); 0 = off
-    batch_size: int = 8  # prompts per task per update over all processes (stage 2: one rollout each)
-    micro_batch_size: int = 1  # samples per forward pass; (batch_size / micro_batch_size) % world_size == 0
-    gradient_checkpointing: bool = False  # recompute transformer activations in backward (saves memory on GPU)
+    learning_rate: float = knob(3e-4, "AdamW learning rate (Flow-GRPO SD3.5 LoRA: 3e-4)")
+    adam_beta1: float = knob(0.9, "AdamW beta1")
+    adam_beta2: float = knob(0.999, "AdamW beta2")
+    weight_decay: float = knob(1e-4, "AdamW weight decay (Flow-GRPO: 1e-4)")
+    adam_eps: float = knob(1e-8, "AdamW epsilon")
+    max_grad_norm: float = knob(1.0, "gradient clipping of the LoRA parameters (Flow-GRPO: 1.0); 0 = off")
+    batch_size: int = knob(8, "prompts per task per update over all processes (stage 2: one rollout each)")
+    micro_batch_size: int = knob(1, "samples per forward pass; (batch_size / micro_batch_size) % world_size == 0")
+    gradient_checkpointing: bool = knob(False, "recompute transformer activations in backward (saves memory on GPU)")
 
     # ---- stage 1: GRPO task teachers (optional) ---------------------------------------------
-    stage1_steps: int = 0  # GRPO updates per task teacher; 0 skips stage 1 (teachers given as LoRA files)
-    rewards: List[str] = field(default_factory=list)  # per task: built-in reward name or "module:function"
-    group_size: int = 16  # rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)
-    clip_range: float = 1e-4  # PPO ratio clip epsilon (Flow-GRPO: 1e-4)
-    kl_beta: float = 0.04  # weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)
-    kl_form: str = "exact"  # exact = the true per-step KL; flowgrpo = Flow-GRPO code's form (mean over dims, no |dt|)
-    adv_eps: float = 1e-4  # epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)
-    ppo_epochs: int = 1  # optimisation passes over each rollout batch (ratio != 1 only when > 1)
+    stage1_steps: int = knob(0, "GRPO updates per task teacher; 0 skips stage 1 (teachers given as LoRA files)")
+    rewards: List[str] = knob([], "per task: built-in reward name or \"module:function\"")
+    group_size: int = knob(16, "rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)")
+    clip_range: float = knob(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4)")
+    kl_beta: float = knob(0.04, "weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)")
+    kl_form: str = knob("exact", "exact = the true per-step KL; flowgrpo = Flow-GRPO code's form (mean over dims, no |dt|)")
+    adv_eps: float = knob(1e-4, "epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)")
+    ppo_epochs: int = knob(1, "optimisation passes over each rollout batch (ratio != 1 only when > 1)")
 
     # ---- stage 2: multi-teacher on-policy distillation ------------------------------------
-    distill_steps: int = 100  # stage-2 updates; one update = one round-robin cycle over all tasks
-    loss: str = "opd_kl"  # engine method: opd_kl (closed-form KL), opd_ode (ODE matching), ppo_opd, k1, vopd, crd
-    tasks: List[str] = field(default_factory=list)  # task names (one teacher LoRA per task)
-    prompt_files: List[str] = field(default_factory=list)  # per task: text file, one prompt per line
-    teacher_loras: List[str] = field(default_factory=list)  # per task: diffusers LoRA file/dir ("" = stage 1)
-    heldout_prompt_files: List[str] = field(default_factory=list)  # held-out KL prompts: one file per task, or one for all ([] = off)
-    crd_beta: float = 1.0  # CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)
+    distill_steps: int = knob(100, "stage-2 updates; one update = one round-robin cycle over all tasks")
+    loss: str = knob("opd_kl", "engine method: opd_kl (closed-form KL), opd_ode (ODE matching), ppo_opd, k1, vopd, crd")
+    tasks: List[str] = knob([], "task names (one teacher LoRA per task)")
+    prompt_files: List[str] = knob([], "per task: text file, one prompt per line")
+    teacher_loras: List[str] = knob([], "per task: diffusers LoRA file/dir (\"\" = stage 1)")
+    heldout_prompt_files: List[str] = knob([], "held-out KL prompts: one file per task, or one for all ([] = off)")
+    crd_beta: float = knob(1.0, "CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)")
 
     # ---- durability and logging -------------------------------------------------------------
-    checkpoint_every: int = 50  # verified checkpoint every N updates (and always on SIGTERM / Ctrl-C); 0 = only at stage ends
-    keep_checkpoints: int = 2  # numbered checkpoints kept in checkpoints/ (the fall-back when the latest is corrupt)
-    max_heldout_kl_ratio: float = 0.0  # stop (exit 3) when the held-out KL exceeds this times its value before stage 2; 0 = off
-    sample_every: int = 50  # write a sample grid every N updates; 0 = only at the end
-    num_sample_prompts: int = 4  # prompts (first of each task) in each sample grid
-    eval_every: int = 0  # held-out KL every N updates (0 = only before and after training)
+    checkpoint_every: int = knob(50, "verified checkpoint every N updates (and always on SIGTERM / Ctrl-C); 0 = only at stage ends")
+    keep_checkpoints: int = knob(2, "numbered checkpoints kept in checkpoints/ (the fall-back when the latest is corrupt)")
+    max_heldout_kl_ratio: float = knob(0.0, "stop (exit 3) when the held-out KL exceeds this times its value before stage 2; 0 = off")
+    sample_every: int = knob(50, "write a sample grid every N updates; 0 = only at the end")
+    num_sample_prompts: int = knob(4, "prompts (first of each task) in each sample grid")
+    eval_every: int = knob(0, "held-out KL every N updates (0 = only before and after training)")
 
     def validate(self) -> "ScaleConfig":
         """Check every value's type and range (path-like values become ``str``); raise
@@ -170,6 +181,20 @@ class ScaleConfig:
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def field_docs() -> List[Tuple[str, str, Any, str]]:
+    """``(name, type, default, documentation)`` of every :class:`ScaleConfig` field, in order."""
+    rows = []
+    for f in dataclasses.fields(ScaleConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((f.name, str(f.type), default, f.metadata["doc"]))
+    return rows
+
+
+ScaleConfig.__doc__ = inspect.cleandoc(ScaleConfig.__doc__) + "\n\nAttributes:\n" + "\n".join(
+    f"    {name} ({typ}, default {default!r}): {doc}" for name, typ, default, doc in field_docs()
+)
 
 
 def _field_types() -> Dict[str, Any]:

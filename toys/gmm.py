@@ -1,7 +1,7 @@
 r"""Exact Gaussian-mixture flows: densities, marginals, velocities, scores, denoisers and tilts.
 
 For data :math:`x_0 \sim p = \sum_k w_k \mathcal N(m_k, S_k)` and the flow
-:math:`x_\sigma = (1-\sigma) x_0 + \sigma \varepsilon` (DESIGN.md §1) every quantity is closed form:
+:math:`x_\sigma = (1-\sigma) x_0 + \sigma \varepsilon` (docs/conventions.md) every quantity is closed form:
 
 .. math::
     p_\sigma = \sum_k w_k \mathcal N(\mu_k, C_k),\quad \mu_k = (1-\sigma) m_k,\quad
@@ -64,7 +64,7 @@ class GaussianMixture:
         ValueError: wrong shapes, negative / non-normalised weights, non-symmetric or non-PD covs,
             non-finite values.
 
-    Reference: ``diffusionopd`` (exact toy teachers), DESIGN.md §3.
+    Reference: ``diffusionopd`` (exact toy teachers); docs/toys.md.
     """
 
     def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, *, validate: bool = True) -> None:

@@ -148,7 +148,7 @@ def LinearReward(b: Tensor) -> QuadraticFormReward:
     Returns:
         :class:`QuadraticFormReward`.
 
-    Reference: ``rtdmd`` (tilted target), DESIGN.md §3.
+    Reference: ``rtdmd`` (tilted target); D7 in docs/derivations/.
     """
     b = _vector("b", b)
     return _Linear(torch.zeros(b.shape[0], b.shape[0], dtype=b.dtype), b, 0.0, b)
@@ -167,7 +167,7 @@ def QuadraticReward(c: Tensor, P: Tensor) -> QuadraticFormReward:
     Returns:
         :class:`QuadraticFormReward`.
 
-    Reference: ``rtdmd``, DESIGN.md §3.
+    Reference: ``rtdmd``; D7 in docs/derivations/.
     """
     c = _vector("c", c)
     P = _psd_matrix("P", P, c.shape[0])

@@ -1,4 +1,4 @@
-r"""Students for the toy on-policy distillation experiments (DESIGN.md §4).
+r"""Students for the toy on-policy distillation experiments (docs/toys.md).
 
 Two students, both exposing ``velocity(x, sigma, task) -> (B, d)``:
 

@@ -9,7 +9,7 @@ tables the Sphinx way.  Before griffe parses a docstring this extension rewrites
 * ``:func:`~a.b.c``` / ``:class:`X``` / ``:meth:`` ... -> a mkdocstrings cross-reference when the
   target is a public object of ``opd_ref``, otherwise inline code;
 * an RST "simple table" (``===  ===`` rules) -> a Markdown pipe table;
-* in a ``Reference:`` / ``References:`` paragraph, a citation key of DESIGN.md written as
+* in a ``Reference:`` / ``References:`` paragraph, a citation key (docs/bibliography.md) written as
   ````key```` -> a link to its entry in the bibliography page.
 
 Loaded from ``mkdocs.yml`` (``extensions: - docs/_site/griffe_rst.py``); it changes only what the

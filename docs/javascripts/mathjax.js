@@ -1,11 +1,16 @@
 // MathJax 3 configuration for pymdownx.arithmatex (generic mode): arithmatex wraps $...$ as \(...\)
 // and $$...$$ as \[...\] inside elements of class "arithmatex"; only those are typeset.
+// The renderer is the bundled vendor/mathjax/tex-svg-full.js (loaded after this file, see mkdocs.yml):
+// SVG output, so no web fonts are fetched and the math renders offline.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
     processEnvironments: true,
+  },
+  svg: {
+    fontCache: "global",
   },
   options: {
     ignoreHtmlClass: ".*|",

@@ -7,7 +7,7 @@
    ``opd_ref.__all__``) has a Google-style docstring with an ``Args:`` section (when it takes
    arguments; a class may list ``Attributes:`` instead), a ``Returns:`` section (functions), a
    ``.. math::`` display block with a formula (an inline ``:math:`` role alone does not count) and a
-   citation key of DESIGN.md.  The test lists every offender by qualified name and what it lacks.
+   citation key (docs/bibliography.md).  The test lists every offender by qualified name and what it lacks.
 3. Every public ``opd_ref`` module has its API page; D1-D13 and D19 each have one page with the sections of
    the docs format (Statement, Proof sketch, Code, Tests, Figure), whose code names and test node ids
    exist; the node ids in docs/claims.md exist and every claim row has a verdict.
@@ -25,11 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import opd_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Citation keys of DESIGN.md ("Sources of the math").
+#: Citation keys (docs/bibliography.md).
 CITATION_KEYS = (
     "diffusionopd",
     "flowgrpo",
@@ -119,13 +121,13 @@ def docstring_problems(obj) -> list:
     if not _MATH_RE.search(doc):
         problems.append(_NO_MATH)
     if not _KEY_RE.search(doc):
-        problems.append("no citation key of DESIGN.md")
+        problems.append("no citation key (docs/bibliography.md)")
     return problems
 
 
 def test_public_api_is_found():
     objs = _public_objects()
-    # The core API of DESIGN.md §3 must be among the checked objects, so the check cannot pass vacuously.
+    # The core API (docs/architecture.md, the API pages) must be among the checked objects, so the check cannot pass vacuously.
     for name in ("opd_ref.kernels.sde_step", "opd_ref.kernels.GaussianStep", "opd_ref.losses.opd_kl_loss",
                  "opd_ref.divergences.same_cov_kl"):
         assert name in objs
@@ -156,7 +158,7 @@ def test_docstring_checker_flags_bad_docstrings():
 
     assert docstring_problems(with_doc(None)) == ["no docstring"]
     assert docstring_problems(with_doc(good_doc)) == []
-    assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key of DESIGN.md"]
+    assert docstring_problems(with_doc(good_doc.replace("diffusionopd", "rtdmdx"))) == ["no citation key (docs/bibliography.md)"]
     assert docstring_problems(with_doc(good_doc.replace(".. math::", "Math:"))) == [_NO_MATH]
     # an inline role alone, or a directive without a formula, is not a math block
     inline_only = good_doc.replace(".. math::\n            y = 2x", "Math: :math:`y = 2x`.")
@@ -180,19 +182,25 @@ def test_every_public_object_has_a_complete_docstring():
 # the site
 
 
-def test_mkdocs_build_strict(tmp_path):
-    """The whole site builds with ``--strict`` (warnings are errors) and renders the math."""
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """``mkdocs build --strict`` once for the site tests: (return code, log, site folder)."""
     # no importorskip: mkdocs, mkdocs-material and mkdocstrings are in the `test` extra, and CI must
     # fail (not skip) when the site cannot be built
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("mkdocs") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
          "--site-dir", str(site)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    return proc.returncode, proc.stdout + proc.stderr, site
+
+
+def test_mkdocs_build_strict(built_site):
+    """The whole site builds with ``--strict`` (warnings are errors) and renders the math."""
+    returncode, log, site = built_site
+    assert returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
     kernels = (site / "api" / "kernels.html").read_text(encoding="utf-8")
     # the griffe extension turned ``.. math::`` into MathJax display blocks and citation keys into links
     assert '<div class="arithmatex">\\[' in kernels
@@ -201,6 +209,76 @@ def test_mkdocs_build_strict(tmp_path):
         text = page.read_text(encoding="utf-8")
         for raw in (".. math::", ":math:`", ":func:`", ":class:`"):
             assert raw not in text, f"unconverted RST {raw!r} in {page.name}"
+
+
+#: A ``<script src=...>`` or ``<link href=...>`` (stylesheet, preload, icon...) that points outside the
+#: site: an absolute http(s) or protocol-relative URL.
+_EXTERNAL_ASSET = re.compile(
+    r"<(script|link)\b[^>]*?\b(src|href)\s*=\s*[\"']?((?:https?:)?//[^\"'\s>]+)", re.IGNORECASE
+)
+
+
+def external_assets(html: str) -> list[str]:
+    """The scripts and stylesheets an HTML page would load from outside the site."""
+    return [f"<{m.group(1)} {m.group(2)}={m.group(3)}>" for m in _EXTERNAL_ASSET.finditer(html)]
+
+
+def test_external_asset_scan_flags_cdn_loads():
+    # the scanner must see the forms a CDN load takes, or the site test below passes vacuously
+    assert external_assets('<script src="https://unpkg.com/mathjax@3/es5/tex-mml-chtml.js"></script>')
+    assert external_assets("<link rel=stylesheet href='//fonts.googleapis.com/css?family=Roboto'>")
+    assert external_assets('<SCRIPT defer SRC=http://x.org/a.js></SCRIPT>')
+    # links to other sites in the text and local assets are fine
+    assert not external_assets('<a href="https://arxiv.org/abs/2501.0">paper</a>')
+    assert not external_assets('<script src="javascripts/vendor/mathjax/tex-svg-full.js"></script>')
+    assert not external_assets('<link rel="stylesheet" href="../assets/stylesheets/main.css">')
+
+
+def test_site_loads_nothing_from_outside(built_site):
+    """Every built page renders offline: no script or stylesheet comes from another host, and the
+    bundled MathJax the pages load is in the site."""
+    returncode, log, site = built_site
+    assert returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20, f"only {len(pages)} HTML pages built"
+    offenders = {str(p.relative_to(site)): external_assets(p.read_text(encoding="utf-8")) for p in pages}
+    offenders = {page: found for page, found in offenders.items() if found}
+    first = dict(list(offenders.items())[:5])
+    assert not offenders, f"{len(offenders)} pages load from outside the site, e.g. {first}"
+    derivation = (site / "derivations" / "d2-transition-kernels.html").read_text(encoding="utf-8")
+    assert 'src="../javascripts/vendor/mathjax/tex-svg-full.js"' in derivation
+    assert (site / "javascripts" / "vendor" / "mathjax" / "tex-svg-full.js").stat().st_size > 1_000_000
+    assert (site / "javascripts" / "vendor" / "mathjax" / "LICENSE").is_file()
+
+
+def test_docs_and_code_cite_no_internal_design_file():
+    """Users have the docs, not the maintainers' design notes: the packages, the site and the README
+    point to docs/conventions.md, docs/architecture.md and the derivation pages instead."""
+    sources = [ROOT / "README.md"]
+    for folder in ("opd_ref", "toys", "scale", "docs"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".md", ".yml", ".txt"}]
+    assert len(sources) > 50, f"only {len(sources)} files scanned"
+    offenders = [str(p.relative_to(ROOT)) for p in sources if "DESIGN" + ".md" in p.read_text(encoding="utf-8")]
+    assert not offenders, f"files citing the internal design notes: {offenders}"
+
+
+def nav_pages(entry) -> list[str]:
+    """The page paths of an mkdocs ``nav`` entry (a path, a {title: entry} or a list), in order."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return [page for value in entry.values() for page in nav_pages(value)]
+    return [page for item in entry for page in nav_pages(item)]
+
+
+def test_nav_lists_each_page_once():
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    pages = nav_pages(nav)
+    assert "claims.md" in pages and "scale.md" in pages
+    twice = sorted({page for page in pages if pages.count(page) > 1})
+    assert not twice, f"pages listed more than once in the mkdocs nav: {twice}"
 
 
 def test_every_public_module_has_an_api_page():
@@ -289,10 +367,10 @@ def test_derivation_pages_follow_the_docs_format():
         problems.append(f"more than one page for D{dupes}")
     missing = sorted(REQUIRED_DERIVATIONS - set(numbers))
     if missing:
-        problems.append(f"no page for D{missing} (DESIGN.md has D1-D13, and D19 is implemented)")
+        problems.append(f"no page for D{missing} (the docs have D1-D13, and D19 is implemented)")
     unknown = sorted(n for n in numbers if not 1 <= n <= 19)
     if unknown:
-        problems.append(f"pages for D{unknown}, which DESIGN.md does not number (D1-D19)")
+        problems.append(f"pages for D{unknown}, which the derivation numbering (D1-D19) does not have")
     assert not problems, "derivation pages:\n  " + "\n  ".join(problems)
 
 

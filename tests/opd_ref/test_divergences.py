@@ -158,11 +158,17 @@ def test_size_of_public_code_differences():
     sig = sched.sigmas.double()
     D, a = 16 * 64 * 64, 0.7
     dt = sig[:-1] - sig[1:]
-    # 1. mean over dims: log-probs (and the PPO log-ratio) shrink by D
+    # 1. mean over dims: log-probs (and the PPO log-ratio) shrink by D.  Oracles written anew: the
+    #    public code's reduction (torch's per-dim Normal log-density, averaged over the latent) and
+    #    the exact log-density (torch.distributions, summed), which is D = 65536 times larger
     m_p, m_q = _means(11, shape=(1, 16, 64, 64))
-    step = GaussianStep(m_p, torch.tensor([[[[0.3]]]], dtype=F64))
-    ratio = gaussian_log_prob(m_q, step) / gaussian_log_prob_dim_mean(m_q, step)
-    assert float(ratio) == pytest.approx(D, rel=1e-12) and D == 65536
+    std = torch.tensor([[[[0.3]]]], dtype=F64)
+    step = GaussianStep(m_p, std)
+    public = gaussian_log_prob_dim_mean(m_q, step)
+    torch.testing.assert_close(public, Normal(m_p, 0.3).log_prob(m_q).flatten(1).mean(1), rtol=1e-12, atol=0)
+    exact = _indep(m_p, std).log_prob(m_q)
+    torch.testing.assert_close(gaussian_log_prob(m_q, step), exact, rtol=1e-12, atol=0)
+    assert D == 65536 and float(exact / public) == pytest.approx(D, rel=1e-12)
     # 2. missing |dt| (and mean over dims) in the per-step KL: public / exact = |dt| / D
     x, v_s = m_p, m_q
     v_t = v_s + 0.1

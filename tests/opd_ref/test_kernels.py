@@ -188,7 +188,7 @@ def test_sde_kl_is_closed_form_in_velocity_gap():
     ps, pt = sde_step(x, v_s, sigma, sigma_next, a), sde_step(x, v_t, sigma, sigma_next, a)
     assert torch.equal(ps.std, pt.std)  # shared covariance: the std never sees v
     kl = same_cov_kl(ps.mean, pt.mean, ps.std)
-    # DESIGN D2: (1 + a^2/2)^2 |dt| (1 - sigma) / (2 a^2 sigma) ||v_s - v_t||^2, written out again
+    # D2: (1 + a^2/2)^2 |dt| (1 - sigma) / (2 a^2 sigma) ||v_s - v_t||^2, written out again
     c = (1 + a**2 / 2) ** 2 * (sigma - sigma_next) * (1 - sigma) / (2 * a**2 * sigma)
     gap = ((v_s - v_t) ** 2).flatten(1).sum(1)
     torch.testing.assert_close(kl, c * gap, rtol=1e-12, atol=0)

@@ -1,4 +1,4 @@
-"""GaussianMixture: densities, marginals, posterior identities (DESIGN.md §1), autograd, bad input."""
+"""GaussianMixture: densities, marginals, posterior identities (docs/conventions.md), autograd, bad input."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each experiment module ``toys.experiments.<name>`` exposes
 ``run(out_dir, quick=True, seeds=(0,)) -> {"checks", "figures", "tables", "metrics"}``
 (see :mod:`toys.reproduce`).
 
-The setting (DESIGN.md §4): :math:`p_{ref}` an 8-mode 2D Gaussian mixture on a ring with unequal
+The setting (docs/toys.md, docs/reproduce.md): :math:`p_{ref}` an 8-mode 2D Gaussian mixture on a ring with unequal
 weights and anisotropic covariances; ``K = 3`` tasks with concave rewards :math:`r_k` and temperatures
 :math:`\beta_k`; the exact teachers are the flows of :math:`p^*_k = p_{ref}e^{r_k/\beta_k}/Z_k` (D7).
 

@@ -28,8 +28,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_same_shape, check_tensor
-from opd_ref.divergences import gaussian_log_prob, same_cov_kl
+from opd_ref._checks import check_positive_std, check_same_shape, check_tensor
+from opd_ref.divergences import gaussian_log_prob
 from opd_ref.kernels import GaussianStep
 from opd_ref.losses import opd_kl_loss, ppo_surrogate_loss
 
@@ -103,12 +103,23 @@ def ppo_kl_surrogate(
     return ppo_surrogate_loss(log_prob, log_prob.detach(), advantage, clip_range)
 
 
-def _log_ratio(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
-    """Detached sampled log-ratio log pi_s(x') - log pi_T(x') (same std)."""
+def _standardised_gaps(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Detached :math:`\delta = (\mu_\theta - \mu_T)/s` and :math:`\varepsilon = (x' - \mu_\theta)/s`, elementwise.
+
+    Both come from differences of nearby numbers taken once, so the log-ratio below never subtracts two
+    large summed log-densities (in float32 at ``D = 65536`` that cancellation cost 0.2 nats).
+    """
     with torch.no_grad():
-        teacher = GaussianStep(teacher_mean.detach(), student.std.detach())
-        student_d = student.detach()
-        return gaussian_log_prob(x_next, student_d) - gaussian_log_prob(x_next, teacher)
+        std = check_positive_std("student.std", student.std, student.mean).detach()
+        mean = student.mean.detach()
+        return (mean - teacher_mean.detach()) / std, (x_next.detach() - mean) / std
+
+
+def _log_ratio(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
+    r"""Detached sampled log-ratio :math:`\log\pi_\theta(x') - \log\pi_T(x') = \sum_i \delta_i(\varepsilon_i + \delta_i/2)`
+    (same std), from the gaps without cancellation."""
+    delta, eps = _standardised_gaps(student, teacher_mean, x_next)
+    return (delta * (eps + 0.5 * delta)).flatten(1).sum(1)
 
 
 def k1_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
@@ -152,9 +163,9 @@ def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) 
     """
     _check(student, teacher_mean, x_next)
     log_prob = gaussian_log_prob(x_next.detach(), student)
-    with torch.no_grad():
-        kl = same_cov_kl(student.mean.detach(), teacher_mean.detach(), student.std.detach())
-    return (_log_ratio(student, teacher_mean, x_next.detach()) - kl) * log_prob
+    # the advantage log-ratio - KL is delta . eps exactly: formed directly, it has no cancellation
+    delta, eps = _standardised_gaps(student, teacher_mean, x_next)
+    return (delta * eps).flatten(1).sum(1) * log_prob
 
 
 def estimator_surrogate(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ __all__ = [
     "ode_step",
     "sde_std_t",
     "sde_kl_coefficient",
+    "kernel_coefficients",
     "cps_kl_coefficient",
     "sigma_to_t",
     "t_to_sigma",
@@ -302,6 +303,76 @@ def cps_step(
     eps_hat = x + (1.0 - s) * v
     mean = (1.0 - sn) * x0_hat + torch.sqrt(torch.clamp(sn**2 - std**2, min=0.0)) * eps_hat
     return GaussianStep(mean, _batch_std(std, x))
+
+
+def kernel_coefficients(
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
+    noise_level: SigmaLike,
+    *,
+    kind: Literal["sde", "cps"] = "sde",
+    sigma_one: Literal["error", "flowgrpo"] = "error",
+    batch: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The kernel of one step written as :math:`\mathcal N(c_x x + c_v v,\ s^2 I)`, in float64.
+
+    The mean of :func:`sde_step` and :func:`cps_step` is linear in the state and the velocity, so two
+    kernels at the same state differ in their means by :math:`c_v(v_1 - v_2)` exactly:
+
+    .. math::
+        \text{SDE: } k = \frac{\sigma_t^2}{2\sigma},\ c_x = 1 + \Delta t\,k,\
+            c_v = \Delta t\,\big(1 + k(1-\sigma)\big),\ s = \sigma_t\sqrt{-\Delta t};\qquad
+        \text{CPS: } s = \sigma'\sin\tfrac{a\pi}{2},\ \rho = \sqrt{\sigma'^2 - s^2},\
+            c_x = 1 - \sigma' + \rho,\ c_v = \rho(1-\sigma) - (1-\sigma')\sigma
+
+    Args:
+        sigma: float or ``(B,)`` noise level (as in :func:`sde_step` / :func:`cps_step`).
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+        noise_level: ``a >= 0`` (``<= 1`` for CPS), float or ``(B,)``.
+        kind: ``"sde"`` or ``"cps"``.
+        sigma_one: the SDE's rule at sigma = 1 (see :func:`sde_step`).
+        batch: ``B`` when every other argument is a float.
+
+    Returns:
+        ``(c_x, c_v, s)``, each a float64 ``(B,)`` tensor (computed from the given sigmas, whatever the
+        dtype of the states they will be applied to).
+
+    Reference: ``flowgrpo`` (SDE kernel), ``diffusionopd`` (CPS kernel).
+    """
+    if kind not in ("sde", "cps"):
+        raise ValueError(f"kind must be 'sde' or 'cps' (the ODE step has no density), got {kind!r}")
+    if sigma_one not in ("error", "flowgrpo"):
+        raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    for val in (sigma, sigma_next, noise_level):
+        if isinstance(val, Tensor) and val.dim() == 1:
+            batch = val.shape[0]
+            break
+    ref = torch.zeros(batch, 1, dtype=torch.float64)
+    s, sn, a = _coefficients_f64(ref, sigma, sigma_next, noise_level, kind, sigma_one)
+    return tuple(t.flatten().expand(batch).clone() for t in _mean_coefficients(s, sn, a, kind, sigma_one))
+
+
+def _coefficients_f64(ref: Tensor, sigma, sigma_next, noise_level, kind: str, sigma_one: str):
+    """Validated float64 ``(sigma, sigma_next, a)`` shaped like ``ref`` ``(B, 1, ..., 1)``."""
+    s = as_batch_tensor("sigma", sigma, ref)
+    sn = as_batch_tensor("sigma_next", sigma_next, ref)
+    check_sigma_pair(s, sn, allow_one=kind == "cps" or sigma_one == "flowgrpo")
+    a = check_nonneg("noise_level", noise_level, ref, upper=1.0 if kind == "cps" else None)
+    return s, sn, a
+
+
+def _mean_coefficients(s: Tensor, sn: Tensor, a: Tensor, kind: str, sigma_one: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(c_x, c_v, std)`` of :func:`kernel_coefficients` on validated float64 tensors."""
+    if kind == "sde":
+        std_t = _std_t(s, a, sn, sigma_one)
+        dt = sn - s
+        k = std_t**2 / (2.0 * s)
+        return 1.0 + dt * k, dt * (1.0 + k * (1.0 - s)), std_t * torch.sqrt(-dt)
+    std = sn * torch.sin(a * (math.pi / 2.0))
+    rho = torch.sqrt(torch.clamp(sn**2 - std**2, min=0.0))
+    return (1.0 - sn) + rho, rho * (1.0 - s) - (1.0 - sn) * s, std
 
 
 def _batch_std(std: Tensor, x: Tensor) -> Tensor:

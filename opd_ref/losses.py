@@ -21,7 +21,7 @@ from opd_ref._checks import (
     check_tensor,
 )
 from opd_ref.divergences import same_cov_kl
-from opd_ref.kernels import GaussianStep, sde_step
+from opd_ref.kernels import GaussianStep, _coefficients_f64, _mean_coefficients
 
 __all__ = [
     "opd_kl_loss",
@@ -227,12 +227,20 @@ def sde_kl_rescaled(
     """
     if rescale not in ("step_variance", "noise_level_squared"):
         raise ValueError(f"rescale must be 'step_variance' or 'noise_level_squared', got {rescale!r}")
+    x = check_tensor("x", x)
+    v_student = check_tensor("v_student", v_student)
     v_teacher = check_tensor("v_teacher", v_teacher)
+    check_same_shape("x", x, "v_student", v_student)
+    check_same_shape("x", x, "v_teacher", v_teacher)
     if detach_teacher:
         v_teacher = v_teacher.detach()
-    student = sde_step(x, v_student, sigma, sigma_next, noise_level)
-    teacher = sde_step(x, v_teacher, sigma, sigma_next, noise_level)
-    s2_kl = ode_matching_loss(student.mean, teacher.mean, detach_teacher=detach_teacher)
+    ref = torch.zeros((x.shape[0],) + (1,) * (x.dim() - 1), dtype=torch.float64, device=x.device)
+    s, sn, a = _coefficients_f64(ref, sigma, sigma_next, noise_level, "sde", "error")
+    _, c_v, _ = _mean_coefficients(s, sn, a, "sde", "error")
+    # the two means differ by c_v (v_s - v_t) exactly: no difference of two nearly equal means
+    dtype = torch.promote_types(torch.promote_types(v_student.dtype, v_teacher.dtype), torch.float32)
+    gap = c_v.to(dtype) * (v_student.to(dtype) - v_teacher.to(dtype))
+    s2_kl = 0.5 * (gap**2).reshape(gap.shape[0], -1).sum(dim=1)
     if rescale == "step_variance":
         return s2_kl
     w = deterministic_limit_weight(sigma, sigma_next).to(dtype=s2_kl.dtype, device=s2_kl.device)

@@ -352,7 +352,7 @@ def bregman_generator_surrogate(
     if log_ratio.shape != (x_sigma.shape[0],):
         raise ValueError(f"log_ratio must have shape ({x_sigma.shape[0]},), got {tuple(log_ratio.shape)}")
     w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
-    w = w.reshape(-1) if w.numel() > 1 else w.reshape(())
+    w = w.reshape(-1) if w.numel() != 1 else w.reshape(())
     return distribution_matching_surrogate(
         x_sigma, score_fake, score_real, weight=w * h.grad_weight(log_ratio.detach())
     )

@@ -12,7 +12,16 @@ from typing import Literal, Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import SigmaLike, as_batch_tensor, check_positive_std, check_same_shape, check_tensor
+from opd_ref._checks import (
+    SigmaLike,
+    as_batch_tensor,
+    check_positive_std,
+    check_same_shape,
+    check_tensor,
+    mean_event,
+    promote,
+    sum_event,
+)
 from opd_ref.kernels import GaussianStep, _coefficients_f64, _mean_coefficients
 
 __all__ = [
@@ -29,13 +38,8 @@ __all__ = [
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def _sum_event(t: Tensor) -> Tensor:
-    """Sum over event dims; a ``(B,)`` tensor has a scalar event and is returned as is."""
-    return t.reshape(t.shape[0], -1).sum(dim=1)
-
-
-def _mean_event(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).mean(dim=1)
+_sum_event = sum_event
+_mean_event = mean_event
 
 
 def _as_std(name: str, std: object, mean: Tensor) -> Tensor:
@@ -153,6 +157,7 @@ def same_cov_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
     std = _as_std("std", std, mean_p)
+    mean_p, mean_q, std = promote(mean_p, mean_q, std)
     return 0.5 * _sum_event(((mean_p - mean_q) / std) ** 2)
 
 
@@ -181,6 +186,7 @@ def diag_gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tenso
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
     std_p = _as_std("std_p", std_p, mean_p)
     std_q = _as_std("std_q", std_q, mean_q)
+    mean_p, std_p, mean_q, std_q = promote(mean_p, std_p, mean_q, std_q)
     log_ratio = torch.log(std_q) - torch.log(std_p)  # log(s_q / s_p)
     # s_p^2/(2 s_q^2) - 1/2 = expm1(-2 log_ratio) / 2, exact 0 when the stds agree
     terms = log_ratio + 0.5 * torch.expm1(-2.0 * log_ratio) + 0.5 * ((mean_p - mean_q) / std_q) ** 2
@@ -210,6 +216,7 @@ def flowgrpo_step_kl(mean_p: Tensor, mean_q: Tensor, std_t: Tensor | float) -> T
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
     std_t = _as_std("std_t", std_t, mean_p)
+    mean_p, mean_q, std_t = promote(mean_p, mean_q, std_t)
     return 0.5 * _mean_event(((mean_p - mean_q) / std_t) ** 2)
 
 

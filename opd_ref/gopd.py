@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_batch_vector, check_positive_std, check_same_shape, check_tensor
+from opd_ref._checks import check_batch_vector, check_positive_std, check_same_shape, check_tensor, promote
 from opd_ref.divergences import same_cov_kl
 from opd_ref.kernels import GaussianStep
 
@@ -152,17 +152,19 @@ def gopd_step_loss(student: GaussianStep, teacher_mean: Tensor, ref_mean: Tensor
     if lam == 1.0:
         return same_cov_kl(student.mean, teacher_mean.detach(), student.std)
     std = check_positive_std("student.std", student.std, student.mean)
-    # lam KL_T + (1 - lam) KL_ref summed elementwise with a per-sample scale c, so that two KLs that
+    out_dtype = torch.promote_types(torch.promote_types(student.mean.dtype, teacher_mean.dtype), ref_mean.dtype)
+    # in float64 (rounded once at the end), and lam KL_T + (1 - lam) KL_ref summed elementwise with a per-sample scale c, so that two KLs that
     # overflow separately never give inf - inf (lam > 1) when their combination is finite
-    gap_t = ((student.mean - teacher_mean.detach()) / std).flatten(1)
-    gap_r = ((student.mean - ref_mean.detach()) / std).flatten(1)
+    mean, std = student.mean.to(torch.float64), std.to(torch.float64)
+    gap_t = ((mean - teacher_mean.detach().to(torch.float64)) / std).flatten(1)
+    gap_r = ((mean - ref_mean.detach().to(torch.float64)) / std).flatten(1)
     if gap_t.shape[1] == 0:  # no event entries: both KLs are empty sums
-        return gap_t.sum(1)
+        return gap_t.sum(1).to(out_dtype)
     c = torch.cat([gap_t, gap_r], 1).abs().amax(1, keepdim=True)
     c = torch.where(c > 0, c, torch.ones_like(c)).detach()
     q = (lam * (gap_t / c) ** 2 + (1.0 - lam) * (gap_r / c) ** 2).sum(1)
     c = c.squeeze(1)
-    return 0.5 * q * c * c
+    return (0.5 * q * c * c).to(out_dtype)
 
 
 def gopd_target_gaussian(
@@ -209,6 +211,7 @@ def gopd_target_gaussian(
     for name, S in (("cov_teacher", S_t), ("cov_ref", S_r)):
         if S.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {tuple(S.shape)}")
+    m_t, m_r, S_t, S_r = promote(m_t, m_r, S_t, S_r)
     P_t, P_r = torch.linalg.inv(S_t), torch.linalg.inv(S_r)
     P = lam * P_t + (1.0 - lam) * P_r
     P = 0.5 * (P + P.T)

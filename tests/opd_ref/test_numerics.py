@@ -207,3 +207,13 @@ def test_python_float_sigmas_are_not_rounded_to_float32():
     want = 0.7 * math.sqrt((1.0 - 1e-7) / 1e-7) * math.sqrt(1e-7)
     assert float(st.std.flatten()[0]) == pytest.approx(want, rel=1e-6)
     assert float(ode_step(x, v, 0.5, 0.5 - 1e-7)[0, 0]) == pytest.approx(-1e-7, rel=1e-6)
+
+
+def test_ppo_ratio_that_overflows_alone_times_a_small_advantage_is_finite():
+    lp = torch.tensor([100.0, 100.0], requires_grad=True)
+    adv = torch.tensor([1e-30, -1e-30])
+    loss = ppo_surrogate_loss(lp, torch.zeros(2), adv)  # e^100 overflows float32, e^100 * 1e-30 does not
+    want = -math.exp(100.0) * 1e-30
+    assert float(loss[0]) == pytest.approx(want, rel=1e-5) and float(loss[1]) == pytest.approx(-want, rel=1e-5)
+    (g,) = torch.autograd.grad(loss.sum(), lp)
+    assert bool(torch.isfinite(g).all())

@@ -253,6 +253,8 @@ SCALES: Dict[str, Callable[[tuple, dict], float]] = {
     "crd_loss": lambda a, k: (_absmax(a[0]) + _absmax(a[1])) ** 2 * _absmax(k.get("weights"), 1.0),
     "uncentered_reward_loss": lambda a, k: (_absmax(a[0]) + _absmax(a[1]) + _absmax(k.get("normalizer"))) ** 2,
     "unit_interval_advantage": lambda a, k: 1.0,
+    # a difference of two weighted denoising losses: the scale is their size
+    "elbo_log_ratio": lambda a, k: _elbo_terms(*a),
     # log Z is a sum of quadratic forms and log-determinants that cancel (0 at lam = 1)
     "log_partition_estimate": lambda a, k: _absmax(a[0]) / a[1] + math.log(max(a[0].shape[0], 1)),
     "distribution_matching_surrogate": lambda a, k: _inner_scale(a[0], a[1], a[2], k.get("weight", 1.0)),
@@ -268,6 +270,18 @@ def _inner_scale(x, s_fake, s_real, w):
         return 0.0
     w = w.reshape(-1, *([1] * (x.dim() - 1))) if isinstance(w, torch.Tensor) else w
     return float((w * (s_fake - s_real) * x).abs().flatten(1).sum(1).max())
+
+
+def _elbo_terms(v_theta, v_ref, x, nodes, weights, eps):
+    """Sum of |omega_j w(sigma_j)| (L_theta + L_ref): the size of the terms elbo_log_ratio subtracts."""
+    if not x.numel():
+        return 0.0
+    eps = eps[:, None, :].expand(eps.shape[0], *x.shape)
+    total = 0.0
+    for s_j, om in zip(nodes.tolist(), weights.tolist()):
+        for v in (v_theta, v_ref):
+            total += abs(om) * float(elbo.weighted_denoising_loss(v, x, s_j, eps).abs().mean(0).max())
+    return total
 
 
 def _absmax(t, default=0.0):

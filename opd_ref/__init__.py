@@ -25,6 +25,8 @@ from opd_ref.divergences import (
     flowgrpo_step_kl,
     gaussian_log_prob,
     gaussian_log_prob_dim_mean,
+    kernel_kl,
+    kernel_log_ratio,
     same_cov_kl,
 )
 from opd_ref.elbo import elbo_log_ratio, ode_log_likelihood, weighted_denoising_loss
@@ -33,6 +35,7 @@ from opd_ref.kernels import (
     GaussianStep,
     cps_kl_coefficient,
     cps_step,
+    kernel_coefficients,
     ode_step,
     sde_kl_coefficient,
     sde_std_t,
@@ -64,6 +67,7 @@ __all__ = [
     "sde_std_t",
     "sde_kl_coefficient",
     "cps_kl_coefficient",
+    "kernel_coefficients",
     "sigma_to_t",
     "t_to_sigma",
     "gaussian_log_prob",
@@ -72,6 +76,8 @@ __all__ = [
     "same_cov_kl",
     "diag_gaussian_kl",
     "flowgrpo_step_kl",
+    "kernel_kl",
+    "kernel_log_ratio",
     "opd_kl_loss",
     "ode_matching_loss",
     "ppo_surrogate_loss",

@@ -6,6 +6,7 @@ received (shape, value), so that bad input never turns into a silent NaN or a wr
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -122,6 +123,25 @@ def check_positive_std(name: str, std: Tensor, mean: Tensor) -> Tensor:
             f"log-prob), got min {float(std.min()):.3g}"
         )
     return std.expand_as(mean)
+
+
+def promote(*tensors: Tensor) -> tuple:
+    """The tensors cast to their common floating dtype (mixed float32/float64 inputs of one call)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def sum_event(t: Tensor) -> Tensor:
+    """Sum over the event dims of a ``(B, *event)`` tensor (a ``(B,)`` tensor is returned as is);
+    works for an empty batch, where ``reshape(B, -1)`` cannot infer the size."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
+
+
+def mean_event(t: Tensor) -> Tensor:
+    """Mean over the event dims of a ``(B, *event)`` tensor (empty batches included)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).mean(dim=1)
 
 
 def _show(t: Tensor) -> str:

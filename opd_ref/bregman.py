@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,6 +68,10 @@ class BregmanH:
         h: :math:`\\log r \\mapsto h(r)`.
         h_prime: :math:`\\log r \\mapsto h'(r)`.
         grad_weight: :math:`\\log r \\mapsto h''(r)\\,r`.
+        divergence_fn: optional :math:`(\\log r, \\log r^*) \\mapsto D_h(r\\|r^*)` in a form without
+            overflow or cancellation (the family's members have one); ``None`` uses the definition
+            :math:`h(r) - h(r^*) - h'(r^*)(r - r^*)`, which loses precision near :math:`r = r^*` and gives
+            ``inf - inf`` where :math:`r` overflows.
 
     Reference: ``dibregman``.
     """
@@ -76,9 +81,115 @@ class BregmanH:
     h: Callable[[Tensor], Tensor]
     h_prime: Callable[[Tensor], Tensor]
     grad_weight: Callable[[Tensor], Tensor]
+    divergence_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "divergence"):
+            if not isinstance(getattr(self, field_name), str):
+                raise TypeError(f"BregmanH.{field_name} must be a str, got {type(getattr(self, field_name)).__name__}")
+        for field_name in ("h", "h_prime", "grad_weight"):
+            if not callable(getattr(self, field_name)):
+                raise TypeError(f"BregmanH.{field_name} must be callable, got {type(getattr(self, field_name)).__name__}")
+        if self.divergence_fn is not None and not callable(self.divergence_fn):
+            raise TypeError(f"BregmanH.divergence_fn must be callable or None, got {type(self.divergence_fn).__name__}")
 
 
 _LOG2 = math.log(2.0)
+
+# Stable closed forms of D_h(r || r*) in log space, d = log r - log r*.  Near d = 0 the definition
+# cancels to second order (relative error ~ eps / d^2), so |d| < 1 uses a power series (or, for JS,
+# Gauss-Legendre quadrature of an integral form); large |d| works with logarithms so that an
+# overflowing r never meets another inf.  Each branch sees only inputs safe for it (where-gradients
+# stay finite).
+_SERIES_TERMS = 20
+_GL_NODES, _GL_WEIGHTS = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(12))
+
+
+def _split(small: Tensor, d: Tensor) -> Tuple[Tensor, Tensor]:
+    """``d`` where ``small`` (else 0), and ``d`` where not ``small`` (else 1): safe branch inputs."""
+    return torch.where(small, d, torch.zeros_like(d)), torch.where(small, torch.ones_like(d), d)
+
+
+def _series(d: Tensor, coef: Callable[[int], float]) -> Tensor:
+    r""":math:`\sum_{n=2}^{N} c_n d^n` by Horner (``|d| < 1``: truncation below ``1 / N!``)."""
+    acc = torch.zeros_like(d)
+    for n in range(_SERIES_TERMS, 1, -1):
+        acc = acc * d + coef(n)
+    return acc * d * d
+
+
+def _log_expm1(y: Tensor) -> Tensor:
+    r""":math:`\log(e^y - 1)` for ``y >= 1`` (no overflow)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _log_softplus(y: Tensor) -> Tensor:
+    r""":math:`\log\log(1 + e^y)` without underflow for very negative ``y``."""
+    tiny = y < -30.0
+    y_t, y_n = _split(tiny, y)
+    return torch.where(tiny, y_t - 0.5 * torch.exp(y_t), torch.log(torch.nn.functional.softplus(y_n)))
+
+
+def _exp_of_log(log_value: Tensor, positive: Tensor) -> Tensor:
+    """``exp(log_value)`` where ``positive``, exactly 0 elsewhere (``log_value`` may be -inf there)."""
+    safe = torch.where(positive, log_value, torch.zeros_like(log_value))
+    return torch.where(positive, torch.exp(safe), torch.zeros_like(safe))
+
+
+def _kl_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
+    r""":math:`D = e^{\ell^*}\varphi(d)`, :math:`\varphi(d) = e^d(d - 1) + 1 = \sum_{n\ge2}(n-1)d^n/n!`;
+    for :math:`d \ge 1`, :math:`\log D = \ell + \log(d - 1 + e^{-d})`."""
+    d = lr - lrs
+    small = d.abs() < 1.0
+    d_s, d_l = _split(small, d)
+    phi_small = _series(d_s, lambda n: (n - 1) / math.factorial(n))
+    big = d_l > 0
+    d_b = torch.where(big, d_l, torch.ones_like(d_l))
+    d_n = torch.where(big, -torch.ones_like(d_l), d_l)
+    log_d_large = torch.where(
+        big, lr + torch.log(d_b - 1.0 + torch.exp(-d_b)), lrs + torch.log1p(torch.exp(d_n) * (d_n - 1.0))
+    )
+    positive = torch.where(small, phi_small > 0, torch.ones_like(small))
+    log_d_small = lrs + torch.log(torch.where(positive, phi_small, torch.ones_like(d)))
+    return _exp_of_log(torch.where(small, log_d_small, log_d_large), positive)
+
+
+def _reverse_kl_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
+    r""":math:`D = e^d - 1 - d = \sum_{n\ge2} d^n/n!` (independent of :math:`r^*`)."""
+    d = lr - lrs
+    small = d.abs() < 1.0
+    d_s, d_l = _split(small, d)
+    return torch.where(small, _series(d_s, lambda n: 1.0 / math.factorial(n)), torch.expm1(d_l) - d_l)
+
+
+def _pearson_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
+    r""":math:`D = (r - r^*)^2 = \exp\big(2\max(\ell, \ell^*) + 2\log(1 - e^{-|d|})\big)`."""
+    d = lr - lrs
+    nonzero = d != 0
+    d_abs = torch.where(nonzero, d.abs(), torch.ones_like(d))
+    return _exp_of_log(2.0 * (torch.maximum(lr, lrs) + torch.log(-torch.expm1(-d_abs))), nonzero)
+
+
+def _js_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
+    r"""Jensen-Shannon :math:`D`: quadrature of :math:`\tfrac12\int_0^d \sigma(\ell^*+u)(e^{d-u}-1)\,du` for
+    :math:`|d| < 1`, else :math:`2D = \mathrm{sign}(d)\,(r|A| - |B|)` with
+    :math:`A = \mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)`, :math:`B = \mathrm{sp}(\ell) - \mathrm{sp}(\ell^*)` in logs."""
+    d = lr - lrs
+    small = d.abs() < 1.0
+    d_s, d_l = _split(small, d)
+    nodes = _GL_NODES.to(dtype=d.dtype, device=d.device)
+    weights = _GL_WEIGHTS.to(dtype=d.dtype, device=d.device)
+    u = 0.5 * d_s[..., None] * (nodes + 1.0)  # GL nodes on [0, d]
+    integrand = torch.sigmoid(lrs[..., None] + u) * torch.expm1(d_s[..., None] - u)
+    js_small = 0.25 * d_s * (weights * integrand).sum(-1)
+    hi = torch.maximum(lr, lrs)
+    lo = torch.minimum(lr, lrs)
+    log_em1 = _log_expm1(d_l.abs())
+    log_a = _log_softplus(torch.nn.functional.logsigmoid(-hi) + log_em1)
+    log_b = _log_softplus(torch.nn.functional.logsigmoid(lo) + log_em1)
+    js_large = 0.5 * torch.sign(d_l) * (torch.exp(lr + log_a) - torch.exp(log_b))
+    return torch.where(small, js_small, js_large)
+
 
 #: :math:`h = r\log r`: :math:`\mathrm{KL}(p_\theta\|p_T)`, weight 1 (DMD).
 KL = BregmanH(
@@ -87,6 +198,7 @@ KL = BregmanH(
     h=lambda lr: torch.exp(lr) * lr,
     h_prime=lambda lr: lr + 1.0,
     grad_weight=lambda lr: torch.ones_like(lr),
+    divergence_fn=_kl_divergence,
 )
 #: :math:`h = -\log r`: :math:`\mathrm{KL}(p_T\|p_\theta)`, weight :math:`1/r`.
 REVERSE_KL = BregmanH(
@@ -95,6 +207,7 @@ REVERSE_KL = BregmanH(
     h=lambda lr: -lr,
     h_prime=lambda lr: -torch.exp(-lr),
     grad_weight=lambda lr: torch.exp(-lr),
+    divergence_fn=_reverse_kl_divergence,
 )
 #: :math:`h = (r-1)^2`: Pearson :math:`\chi^2(p_\theta\|p_T)`, weight :math:`2r`.
 PEARSON_CHI2 = BregmanH(
@@ -103,6 +216,7 @@ PEARSON_CHI2 = BregmanH(
     h=lambda lr: torch.expm1(lr) ** 2,
     h_prime=lambda lr: 2.0 * torch.expm1(lr),
     grad_weight=lambda lr: 2.0 * torch.exp(lr),
+    divergence_fn=_pearson_divergence,
 )
 #: :math:`h = \tfrac12[r\log\tfrac{2r}{1+r} + \log\tfrac{2}{1+r}]`: Jensen–Shannon, weight
 #: :math:`1/(2(1+r))`.
@@ -113,6 +227,7 @@ JENSEN_SHANNON = BregmanH(
                         + _LOG2 - torch.nn.functional.softplus(lr)),
     h_prime=lambda lr: 0.5 * (_LOG2 + lr - torch.nn.functional.softplus(lr)),
     grad_weight=lambda lr: 0.5 * torch.sigmoid(-lr),
+    divergence_fn=_js_divergence,
 )
 
 H_FAMILY = {h.name: h for h in (KL, REVERSE_KL, PEARSON_CHI2, JENSEN_SHANNON)}
@@ -173,6 +288,8 @@ def bregman_divergence(log_ratio: Tensor, h: Union[str, BregmanH], log_ratio_sta
                 f"log_ratio_star must have the shape of log_ratio {tuple(log_ratio.shape)}, "
                 f"got {tuple(log_ratio_star.shape)}"
             )
+    if h.divergence_fn is not None:
+        return h.divergence_fn(log_ratio, log_ratio_star)
     r_minus_rs = torch.exp(log_ratio) - torch.exp(log_ratio_star)
     return h.h(log_ratio) - h.h(log_ratio_star) - h.h_prime(log_ratio_star) * r_minus_rs
 
@@ -235,7 +352,7 @@ def bregman_generator_surrogate(
     if log_ratio.shape != (x_sigma.shape[0],):
         raise ValueError(f"log_ratio must have shape ({x_sigma.shape[0]},), got {tuple(log_ratio.shape)}")
     w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
-    w = w.reshape(-1) if w.numel() > 1 else w.reshape(())
+    w = w.reshape(-1) if w.numel() != 1 else w.reshape(())
     return distribution_matching_surrogate(
         x_sigma, score_fake, score_real, weight=w * h.grad_weight(log_ratio.detach())
     )

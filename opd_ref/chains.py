@@ -28,7 +28,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_tensor
+from opd_ref._checks import check_tensor, promote
 from opd_ref.divergences import diag_gaussian_kl
 
 __all__ = [
@@ -161,6 +161,10 @@ class LinearGaussianChain:
             )
         if not bool((s >= 0).all()):
             raise ValueError(f"std must be >= 0 at every step, got min {float(s.min()):.3g}")
+        A, b, s = promote(A, b, s)
+        object.__setattr__(self, "A", A)
+        object.__setattr__(self, "b", b)
+        object.__setattr__(self, "std", s)
 
     @property
     def n_steps(self) -> int:
@@ -173,12 +177,16 @@ class LinearGaussianChain:
         return int(self.A.shape[1])
 
 
-def _check_init(mean0: Tensor, cov0: Tensor, chain: LinearGaussianChain) -> None:
+def _check_init(mean0: Tensor, cov0: Tensor, chain: LinearGaussianChain, name: str = "chain") -> tuple:
+    """Validated ``(mean0, cov0, A, b, std)`` in one common dtype."""
+    if not isinstance(chain, LinearGaussianChain):
+        raise TypeError(f"{name} must be a LinearGaussianChain, got {type(chain).__name__}")
     d = chain.dim
     check_tensor("mean0", mean0)
     check_tensor("cov0", cov0, min_dim=2)
     if mean0.shape != (d,) or cov0.shape != (d, d):
         raise ValueError(f"need mean0 ({d},) and cov0 ({d}, {d}), got {tuple(mean0.shape)}, {tuple(cov0.shape)}")
+    return promote(mean0, cov0, chain.A, chain.b, chain.std)
 
 
 def linear_gaussian_marginals(mean0: Tensor, cov0: Tensor, chain: LinearGaussianChain) -> Tuple[Tensor, Tensor]:
@@ -197,13 +205,13 @@ def linear_gaussian_marginals(mean0: Tensor, cov0: Tensor, chain: LinearGaussian
 
     Reference: ``diffusionopd``.
     """
-    _check_init(mean0, cov0, chain)
+    mean0, cov0, A_all, b_all, std_all = _check_init(mean0, cov0, chain)
     eye = torch.eye(chain.dim, dtype=cov0.dtype)
     mus, covs = [mean0], [cov0]
     for n in range(chain.n_steps):
-        A = chain.A[n]
-        mus.append(A @ mus[-1] + chain.b[n])
-        covs.append(A @ covs[-1] @ A.T + chain.std[n] ** 2 * eye)
+        A = A_all[n]
+        mus.append(A @ mus[-1] + b_all[n])
+        covs.append(A @ covs[-1] @ A.T + std_all[n] ** 2 * eye)
     return torch.stack(mus), torch.stack(covs)
 
 
@@ -223,12 +231,12 @@ def linear_gaussian_joint(mean0: Tensor, cov0: Tensor, chain: LinearGaussianChai
     """
     mus, covs = linear_gaussian_marginals(mean0, cov0, chain)
     N, d = chain.n_steps, chain.dim
-    big = torch.zeros((N + 1) * d, (N + 1) * d, dtype=cov0.dtype)
+    big = torch.zeros((N + 1) * d, (N + 1) * d, dtype=covs.dtype)
     for m in range(N + 1):
         block = covs[m]  # Cov(x_m, x_n) for n = m, then propagated forwards
         big[m * d : (m + 1) * d, m * d : (m + 1) * d] = block
         for n in range(m + 1, N + 1):
-            block = block @ chain.A[n - 1].T
+            block = block @ chain.A[n - 1].to(covs.dtype).T
             big[m * d : (m + 1) * d, n * d : (n + 1) * d] = block
             big[n * d : (n + 1) * d, m * d : (m + 1) * d] = block.T
     return mus.reshape(-1), big
@@ -257,9 +265,10 @@ def gaussian_kl_full(mean_p: Tensor, cov_p: Tensor, mean_q: Tensor, cov_q: Tenso
     D = mean_p.shape[0]
     if mean_p.shape != (D,) or mean_q.shape != (D,) or cov_p.shape != (D, D) or cov_q.shape != (D, D):
         raise ValueError(
-            f"need means (D,) and covariances (D, D); got {tuple(mean_p.shape)}, {tuple(cov_p.shape)}, "
-            f"{tuple(mean_q.shape)}, {tuple(cov_q.shape)}"
+            f"mean_p, cov_p, mean_q, cov_q must have shapes (D,), (D, D), (D,), (D, D); got "
+            f"{tuple(mean_p.shape)}, {tuple(cov_p.shape)}, {tuple(mean_q.shape)}, {tuple(cov_q.shape)}"
         )
+    mean_p, cov_p, mean_q, cov_q = promote(mean_p, cov_p, mean_q, cov_q)
     Lp, info_p = torch.linalg.cholesky_ex(cov_p)
     Lq, info_q = torch.linalg.cholesky_ex(cov_q)
     if int(info_p) or int(info_q):

@@ -194,9 +194,14 @@ def crd_loss(
     r_hat = check_batch_vector("r_hat", r_hat)
     reward = check_batch_vector("reward", reward, r_hat.shape[0])
     weights = _check_weights(weights, r_hat.shape[0])
-    residual = center_in_groups(r_hat, group_ids) - center_in_groups(reward.detach(), group_ids)
+    # in float64, rounded once: the centred residual of rewards near 1e30 is exact enough there, but its
+    # float32 rounding error (1e23) squared overflowed a loss that is finite
+    dtype = torch.promote_types(r_hat.dtype, reward.dtype)
+    f64 = torch.float64
+    residual = center_in_groups(r_hat.to(f64), group_ids) - center_in_groups(reward.detach().to(f64), group_ids)
     loss = 0.5 * residual**2
-    return loss if weights is None else weights * loss
+    loss = loss if weights is None else weights.to(f64) * loss
+    return loss.to(dtype if weights is None else torch.promote_types(dtype, weights.dtype))
 
 
 def uncentered_reward_loss(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Union
 
+import torch
 from torch import Tensor
 
 from opd_ref._checks import as_batch_tensor, check_same_shape, check_tensor
@@ -69,8 +70,12 @@ def distribution_matching_surrogate(
     w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
     if not bool((w >= 0).all()):
         raise ValueError(f"weight must be >= 0, got min {float(w.min()):.4g}")
-    direction = (w * (score_fake - score_real)).detach()
-    return (direction * x_sigma).flatten(1).sum(dim=1)
+    # <direction, x> in float64, rounded to the output dtype once: in float32, terms of 1e30 x 1e30 of
+    # both signs overflowed to inf - inf = NaN although the product is just beyond the float range
+    f64 = torch.float64
+    direction = (w.detach().to(f64) * (score_fake.detach().to(f64) - score_real.detach().to(f64))).flatten(1)
+    dtype = torch.promote_types(torch.promote_types(x_sigma.dtype, score_fake.dtype), score_real.dtype)
+    return (direction * x_sigma.to(f64).flatten(1)).sum(dim=1).to(dtype)
 
 
 def dmd_normalized_weight(x: Tensor, x0_real: Tensor, sigma: Union[float, Tensor]) -> Tensor:
@@ -99,10 +104,11 @@ def dmd_normalized_weight(x: Tensor, x0_real: Tensor, sigma: Union[float, Tensor
     x = check_tensor("x", x).detach()
     x0_real = check_tensor("x0_real", x0_real).detach()
     check_same_shape("x", x, "x0_real", x0_real)
-    s = as_batch_tensor("sigma", sigma.detach() if isinstance(sigma, Tensor) else sigma, x).flatten()
+    # sigma in float64 (1 - sigma of a float32-rounded sigma near 1 was off by up to 20 %)
+    s = as_batch_tensor("sigma", sigma.detach() if isinstance(sigma, Tensor) else sigma, x.to(torch.float64)).flatten()
     if not bool(((s > 0) & (s < 1)).all()):
         raise ValueError(f"sigma must lie in (0, 1), got min {float(s.min()):.4g}, max {float(s.max()):.4g}")
-    norm = (x - x0_real).abs().flatten(1).mean(dim=1)
+    norm = (x.to(torch.float64) - x0_real.to(torch.float64)).abs().flatten(1).mean(dim=1)
     if not bool((norm > 0).all()):
         raise ValueError("mean |x - x0_real| is 0 for some sample: DMD's normalisation is undefined there")
-    return s**2 / ((1.0 - s) * norm)
+    return (s**2 / ((1.0 - s) * norm)).to(torch.promote_types(x.dtype, x0_real.dtype))

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_tensor
+from opd_ref._checks import check_tensor, promote
 
 __all__ = [
     "exact_divergence",
@@ -58,6 +58,11 @@ __all__ = [
 
 Velocity = Callable[[Tensor, float], Tensor]
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_velocity(name: str, velocity: object) -> None:
+    if not callable(velocity):
+        raise TypeError(f"{name} must be a callable v(x, sigma), got {type(velocity).__name__}")
 
 
 def _check_x(x: object) -> Tensor:
@@ -83,7 +88,10 @@ def exact_divergence(velocity: Velocity, x: Tensor, sigma: float) -> Tuple[Tenso
 
     Reference: ``crd`` (model likelihoods of flow models); Chen et al. (neural ODEs).
     """
+    _check_velocity("velocity", velocity)
     x = _check_x(x)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
+        raise TypeError(f"sigma must be a finite float, got {sigma!r}")
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         v = velocity(xr, sigma)
@@ -123,6 +131,7 @@ def ode_log_likelihood(
 
     Reference: ``crd`` (likelihoods of flow models); Grathwohl et al. (FFJORD).
     """
+    _check_velocity("velocity", velocity)
     x = _check_x(x)
     if sigmas is None:
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
@@ -163,6 +172,10 @@ def elbo_weight(sigma: Tensor | float) -> Tensor | float:
 
     Reference: ``crd`` (ELBO-based implicit rewards); Kingma & Gao (2023).
     """
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+        raise TypeError(f"sigma must be a float or a tensor, got {type(sigma).__name__}")
+    if isinstance(sigma, Tensor) and not torch.is_floating_point(sigma):
+        raise TypeError(f"sigma must be a floating-point tensor, got dtype {sigma.dtype}")
     t = torch.as_tensor(sigma, dtype=torch.float64)
     if not bool(torch.isfinite(t).all()) or not bool(((t > 0) & (t <= 1)).all()):
         raise ValueError(f"sigma must lie in (0, 1], got {sigma!r}")
@@ -190,8 +203,11 @@ def weighted_denoising_loss(
 
     Reference: ``crd``, ``flowgrpo`` (flow-matching loss).
     """
+    _check_velocity("velocity", velocity)
     x = _check_x(x)
     eps = check_tensor("eps", eps, min_dim=2)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a float, got {type(sigma).__name__}")
     squeeze = eps.dim() == 2
     e = eps[None] if squeeze else eps
     if e.dim() != 3 or e.shape[1:] != x.shape:
@@ -247,6 +263,8 @@ def elbo_log_ratio(
     Reference: ``crd`` (implicit reward :math:`\beta\log p_\theta/p_{ref}` from ELBOs),
     ``diffusionopd``.
     """
+    _check_velocity("velocity_theta", velocity_theta)
+    _check_velocity("velocity_ref", velocity_ref)
     x = _check_x(x)
     B, d = x.shape
     sigma_nodes = check_tensor("sigma_nodes", sigma_nodes)
@@ -268,6 +286,7 @@ def elbo_log_ratio(
     eps_weights = check_tensor("eps_weights", eps_weights)
     if eps_weights.shape != (M,):
         raise ValueError(f"eps_weights must have shape ({M},), got {tuple(eps_weights.shape)}")
+    x, eps, eps_weights = promote(x, eps, eps_weights)
     total = torch.zeros(B, dtype=x.dtype)
     for s, om in zip(sigma_nodes.tolist(), sigma_weights.tolist()):
         w = elbo_weight(s) if weighting is None else float(weighting(s))
@@ -306,12 +325,17 @@ def elbo_log_ratio_mc(
 
     Reference: ``crd`` (ELBO-based implicit reward), ``diffusionopd``.
     """
+    _check_velocity("velocity_theta", velocity_theta)
+    _check_velocity("velocity_ref", velocity_ref)
     x = _check_x(x)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2, got {n!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     B, d = x.shape
-    sigma = torch.rand(n, B, generator=generator, dtype=x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
-    eps = torch.randn(n, B, d, generator=generator, dtype=x.dtype)
+    # drawn in float64 and cast, so one generator state gives the same draws for every dtype of x
+    sigma = torch.rand(n, B, generator=generator, dtype=torch.float64).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
+    eps = torch.randn(n, B, d, generator=generator, dtype=torch.float64).to(x.dtype)
     xs = (1.0 - sigma[..., None]) * x[None] + sigma[..., None] * eps
     target = eps - x[None]
     flat_x, flat_s = xs.reshape(n * B, d), sigma.reshape(n * B)

@@ -28,10 +28,10 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_same_shape, check_tensor
-from opd_ref.divergences import gaussian_log_prob, same_cov_kl
+from opd_ref._checks import check_positive_std, check_same_shape, check_tensor, sum_event
+from opd_ref.divergences import gaussian_log_prob
 from opd_ref.kernels import GaussianStep
-from opd_ref.losses import opd_kl_loss, ppo_surrogate_loss
+from opd_ref.losses import check_clip_range, clipped_surrogate, opd_kl_loss
 
 __all__ = [
     "ESTIMATORS",
@@ -47,12 +47,15 @@ __all__ = [
 ESTIMATORS: Tuple[str, ...] = ("pathwise", "ppo", "k1", "vopd")
 
 
-def _check(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor | None = None) -> None:
+_NO_ACTION = object()
+
+
+def _check(student: GaussianStep, teacher_mean: Tensor, x_next: object = _NO_ACTION) -> None:
     if not isinstance(student, GaussianStep):
         raise TypeError(f"student must be a GaussianStep, got {type(student).__name__}")
     check_tensor("teacher_mean", teacher_mean)
     check_same_shape("student.mean", student.mean, "teacher_mean", teacher_mean)
-    if x_next is not None:
+    if x_next is not _NO_ACTION:
         check_tensor("x_next", x_next)
         check_same_shape("student.mean", student.mean, "x_next", x_next)
 
@@ -97,18 +100,54 @@ def ppo_kl_surrogate(
 
     Reference: ``diffusionopd`` (PPO baseline), ``flowgrpo``.
     """
+    check_clip_range(clip_range)
     _check(student, teacher_mean, x_next)
-    log_prob = gaussian_log_prob(x_next.detach(), student)
+    student, x_next = _promoted(student, teacher_mean, x_next)
     advantage = -opd_kl_loss(student, teacher_mean)
-    return ppo_surrogate_loss(log_prob, log_prob.detach(), advantage, clip_range)
+    return clipped_surrogate(_score_at_old(student, x_next), advantage, clip_range)
+
+
+def _score_at_old(student: GaussianStep, x_next: Tensor) -> Tensor:
+    r"""``(B,)`` :math:`\log\pi_\theta(x') - \mathrm{sg}[\log\pi_\theta(x')]`: value exactly 0 (the log-ratio at
+    :math:`\theta = \theta_{old}`), gradient :math:`\nabla_\theta\log\pi_\theta(x'|x)`.
+
+    Written as :math:`\sum_i -\mathrm{sg}(z_i)(z_i - \mathrm{sg}(z_i)) - (\log s_i - \mathrm{sg}\log s_i)` with
+    :math:`z = (x' - \mu_\theta)/s`, so a log-density beyond the float range never enters as ``inf - inf``.
+    """
+    std = check_positive_std("student.std", student.std, student.mean)
+    z = (x_next.detach() - student.mean) / std
+    log_std = torch.log(std)
+    return sum_event(-z.detach() * (z - z.detach()) - (log_std - log_std.detach()))
+
+
+def _promoted(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[GaussianStep, Tensor]:
+    """The student kernel and action in the common dtype of all inputs (mixed float32/float64)."""
+    dtype = torch.promote_types(torch.promote_types(student.mean.dtype, teacher_mean.dtype), x_next.dtype)
+    if student.mean.dtype != dtype or student.std.dtype != dtype:
+        student = GaussianStep(student.mean.to(dtype), student.std.to(dtype))
+    return student, x_next.to(dtype)
+
+
+def _standardised_gaps(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Detached :math:`\delta = (\mu_\theta - \mu_T)/s` and :math:`\varepsilon = (x' - \mu_\theta)/s`, elementwise.
+
+    Both come from differences of nearby numbers taken once, so the log-ratio below never subtracts two
+    large summed log-densities (in float32 at ``D = 65536`` that cancellation cost 0.2 nats).
+    """
+    with torch.no_grad():
+        # float64: the per-dim products delta_i eps_i of extreme inputs overflow float32 and summed to
+        # inf - inf; the (detached) advantage is rounded to the loss dtype only at the end
+        f64 = torch.float64
+        std = check_positive_std("student.std", student.std, student.mean).detach().to(f64)
+        mean = student.mean.detach().to(f64)
+        return (mean - teacher_mean.detach().to(f64)) / std, (x_next.detach().to(f64) - mean) / std
 
 
 def _log_ratio(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
-    """Detached sampled log-ratio log pi_s(x') - log pi_T(x') (same std)."""
-    with torch.no_grad():
-        teacher = GaussianStep(teacher_mean.detach(), student.std.detach())
-        student_d = student.detach()
-        return gaussian_log_prob(x_next, student_d) - gaussian_log_prob(x_next, teacher)
+    r"""Detached sampled log-ratio :math:`\log\pi_\theta(x') - \log\pi_T(x') = \sum_i \delta_i(\varepsilon_i + \delta_i/2)`
+    (same std), from the gaps without cancellation."""
+    delta, eps = _standardised_gaps(student, teacher_mean, x_next)
+    return sum_event(delta * (eps + 0.5 * delta))
 
 
 def k1_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
@@ -129,8 +168,9 @@ def k1_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) ->
     Reference: ``tm-opd`` (per-token reverse KL with the k1 estimator).
     """
     _check(student, teacher_mean, x_next)
+    student, x_next = _promoted(student, teacher_mean, x_next)
     log_prob = gaussian_log_prob(x_next.detach(), student)
-    return _log_ratio(student, teacher_mean, x_next.detach()) * log_prob
+    return _log_ratio(student, teacher_mean, x_next.detach()).to(log_prob.dtype) * log_prob
 
 
 def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
@@ -151,10 +191,11 @@ def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) 
     Reference: ``vopd``.
     """
     _check(student, teacher_mean, x_next)
+    student, x_next = _promoted(student, teacher_mean, x_next)
     log_prob = gaussian_log_prob(x_next.detach(), student)
-    with torch.no_grad():
-        kl = same_cov_kl(student.mean.detach(), teacher_mean.detach(), student.std.detach())
-    return (_log_ratio(student, teacher_mean, x_next.detach()) - kl) * log_prob
+    # the advantage log-ratio - KL is delta . eps exactly: formed directly, it has no cancellation
+    delta, eps = _standardised_gaps(student, teacher_mean, x_next)
+    return sum_event(delta * eps).to(log_prob.dtype) * log_prob
 
 
 def estimator_surrogate(
@@ -220,21 +261,28 @@ def analytic_moments(J: Tensor, delta: Tensor, s: Tensor | float) -> Dict[str, T
         raise ValueError(f"J must be (D, P) and delta (D,), got {tuple(J.shape)} and {tuple(delta.shape)}")
     if isinstance(s, bool) or not isinstance(s, (int, float, Tensor)):
         raise TypeError(f"s must be a float or a 0-d tensor, got {type(s).__name__}")
-    s_t = torch.as_tensor(s, dtype=J.dtype, device=J.device)
+    if isinstance(s, Tensor) and not torch.is_floating_point(s):
+        raise TypeError(f"s must be a float or a floating 0-d tensor, got dtype {s.dtype}")
+    s_t = torch.as_tensor(s, dtype=torch.float64, device=J.device)
     if s_t.dim() != 0 or not bool(torch.isfinite(s_t)) or not bool(s_t > 0):
         raise ValueError(f"s must be a positive finite scalar, got {s!r}")
+    # computed in float64 (products of KL^2 and J^T J overflow float32 long before the result does,
+    # and inf - inf was NaN) and returned in the inputs' precision
+    out_dtype = torch.promote_types(J.dtype, delta.dtype)
+    J, delta = J.to(torch.float64), delta.to(torch.float64)
     kl = 0.5 * (delta @ delta)
     mean = J.T @ delta / s_t
     JtJ = J.T @ J
     Jd = J.T @ delta
     outer = torch.outer(Jd, Jd)
     zero = torch.zeros_like(JtJ)
-    return {
+    moments = {
         "pathwise": (mean, zero),
         "ppo": (mean, kl**2 * JtJ / s_t**2),
         "k1": (mean, ((kl**2 + 2 * kl) * JtJ + outer) / s_t**2),
         "vopd": (mean, (2 * kl * JtJ + outer) / s_t**2),
     }
+    return {k: (m.to(out_dtype), c.to(out_dtype)) for k, (m, c) in moments.items()}
 
 
 def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -265,11 +313,11 @@ def per_sample_grads(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
         raise ValueError("params must be a non-empty sequence of tensors with requires_grad=True")
     if not loss.requires_grad:
         raise ValueError("loss does not require grad: it was not built from params")
-    rows = []
+    rows = [torch.zeros(0, sum(p.numel() for p in params), dtype=loss.dtype, device=loss.device)]
     for i in range(loss.shape[0]):
         grads = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([
             (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)
         ]))
-    return torch.stack(rows)
+    return torch.cat([rows[0]] + [r[None] for r in rows[1:]])
 

@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_batch_vector, check_same_shape, check_tensor
+from opd_ref._checks import check_batch_vector, check_positive_std, check_same_shape, check_tensor, promote
 from opd_ref.divergences import same_cov_kl
 from opd_ref.kernels import GaussianStep
 
@@ -109,9 +109,13 @@ def gopd_sample_loss(log_p_theta: Tensor, log_p_teacher: Tensor, log_p_ref: Tens
 
     Reference: ``gopd``, ``tm-opd`` (:math:`\lambda = 1`).
     """
+    lam = _check_lam(lam)
     log_p_theta = check_batch_vector("log_p_theta", log_p_theta)
-    check_batch_vector("log_p_teacher", log_p_teacher, log_p_theta.shape[0])
-    return log_p_theta - gopd_log_target(log_p_teacher.detach(), log_p_ref.detach(), lam)
+    log_p_teacher = check_batch_vector("log_p_teacher", log_p_teacher, log_p_theta.shape[0]).detach()
+    log_p_ref = check_batch_vector("log_p_ref", log_p_ref, log_p_theta.shape[0]).detach()
+    # two log-ratios, each a difference of log-densities of the same sample: no large intermediate
+    # such as log_p_ref + lam * (...) that could overflow and meet another inf
+    return (log_p_theta - log_p_ref) - lam * (log_p_teacher - log_p_ref)
 
 
 def gopd_step_loss(student: GaussianStep, teacher_mean: Tensor, ref_mean: Tensor, lam: float = 1.0) -> Tensor:
@@ -145,10 +149,22 @@ def gopd_step_loss(student: GaussianStep, teacher_mean: Tensor, ref_mean: Tensor
     ref_mean = check_tensor("ref_mean", ref_mean)
     check_same_shape("student.mean", student.mean, "teacher_mean", teacher_mean)
     check_same_shape("student.mean", student.mean, "ref_mean", ref_mean)
-    kl_t = same_cov_kl(student.mean, teacher_mean.detach(), student.std)
     if lam == 1.0:
-        return kl_t
-    return lam * kl_t + (1.0 - lam) * same_cov_kl(student.mean, ref_mean.detach(), student.std)
+        return same_cov_kl(student.mean, teacher_mean.detach(), student.std)
+    std = check_positive_std("student.std", student.std, student.mean)
+    out_dtype = torch.promote_types(torch.promote_types(student.mean.dtype, teacher_mean.dtype), ref_mean.dtype)
+    # in float64 (rounded once at the end), and lam KL_T + (1 - lam) KL_ref summed elementwise with a per-sample scale c, so that two KLs that
+    # overflow separately never give inf - inf (lam > 1) when their combination is finite
+    mean, std = student.mean.to(torch.float64), std.to(torch.float64)
+    gap_t = ((mean - teacher_mean.detach().to(torch.float64)) / std).flatten(1)
+    gap_r = ((mean - ref_mean.detach().to(torch.float64)) / std).flatten(1)
+    if gap_t.shape[1] == 0:  # no event entries: both KLs are empty sums
+        return gap_t.sum(1).to(out_dtype)
+    c = torch.cat([gap_t, gap_r], 1).abs().amax(1, keepdim=True)
+    c = torch.where(c > 0, c, torch.ones_like(c)).detach()
+    q = (lam * (gap_t / c) ** 2 + (1.0 - lam) * (gap_r / c) ** 2).sum(1)
+    c = c.squeeze(1)
+    return (0.5 * q * c * c).to(out_dtype)
 
 
 def gopd_target_gaussian(
@@ -195,6 +211,7 @@ def gopd_target_gaussian(
     for name, S in (("cov_teacher", S_t), ("cov_ref", S_r)):
         if S.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {tuple(S.shape)}")
+    m_t, m_r, S_t, S_r = promote(m_t, m_r, S_t, S_r)
     P_t, P_r = torch.linalg.inv(S_t), torch.linalg.inv(S_r)
     P = lam * P_t + (1.0 - lam) * P_r
     P = 0.5 * (P + P.T)

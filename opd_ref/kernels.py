@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ __all__ = [
     "ode_step",
     "sde_std_t",
     "sde_kl_coefficient",
+    "kernel_coefficients",
     "cps_kl_coefficient",
     "sigma_to_t",
     "t_to_sigma",
@@ -124,10 +125,13 @@ def _prepare(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, allo
         # the coefficients (sigma, std_t, sqrt|dt|) are computed in float32 at least: in bf16 a sigma
         # of 0.995 rounds to 0.9961 and the SDE std of the step 0.995 -> 0.99 is off by 41 %
         x, v = x.to(torch.promote_types(x.dtype, torch.float32)), v.to(torch.promote_types(v.dtype, torch.float32))
-    s = as_batch_tensor("sigma", sigma, x)
-    sn = as_batch_tensor("sigma_next", sigma_next, x)
+    # the coefficients are computed in float64 from the given sigmas and cast once: rounding sigma to
+    # float32 first made 1 - sigma (sigma = 1 - 1e-7) and sigma' - sigma (tiny steps) wrong by up to 20 %
+    ref = torch.zeros((x.shape[0],) + (1,) * (x.dim() - 1), dtype=torch.float64, device=x.device)
+    s = as_batch_tensor("sigma", sigma, ref)
+    sn = as_batch_tensor("sigma_next", sigma_next, ref)
     check_sigma_pair(s, sn, allow_one=allow_one)
-    return x, v, s, sn
+    return x, v, s, sn, ref
 
 
 def ode_step(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
@@ -147,8 +151,8 @@ def ode_step(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> T
 
     Reference: ``flowgrpo`` (a = 0 limit), diffusers ``FlowMatchEulerDiscreteScheduler.step``.
     """
-    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=True)
-    return x + (sn - s) * v
+    x, v, s, sn, _ = _prepare(x, v, sigma, sigma_next, allow_one=True)
+    return x + (sn - s).to(x.dtype) * v
 
 
 def sde_std_t(
@@ -200,17 +204,26 @@ def sde_std_t(
             f"sigma_next must be broadcastable against sigma, got {tuple(sn.shape)} and {tuple(s.shape)}"
         ) from err
     check_sigma_pair(s.expand(shape), sn.expand(shape), allow_one=sigma_one == "flowgrpo")
-    return _std_t(s, a, sn, sigma_one)
+    # computed in float64 from the given levels (1 - sigma near 1 is where float32 loses digits); the
+    # result has the dtype of the tensor arguments (float64 when all are Python floats)
+    tensors = [t for t in (sigma, noise_level, sigma_next) if isinstance(t, Tensor)]
+    dtype = torch.float64
+    if tensors:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    f64 = torch.float64
+    return _std_t(s.to(f64), a.to(f64), sn.to(f64), sigma_one).to(dtype)
 
 
 def _as_level(name: str, value: SigmaLike, like: Optional[Tensor] = None) -> Tensor:
     """A finite float tensor from a float or tensor (dtype of ``like`` for plain numbers)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    dtype = like.dtype if like is not None else torch.float64
-    t = torch.as_tensor(value, dtype=dtype if not isinstance(value, Tensor) else None)
+    # a Python number is kept in float64 (rounding 0.999999 to float32 moved 1 - sigma by 1.3 %)
+    t = torch.as_tensor(value, dtype=torch.float64 if not isinstance(value, Tensor) else None)
     if not torch.is_floating_point(t):
-        t = t.to(dtype)
+        t = t.to(like.dtype if like is not None else torch.float64)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t.detach().flatten()[:6].tolist()}")
     return t
@@ -260,13 +273,10 @@ def sde_step(
     """
     if sigma_one not in ("error", "flowgrpo"):
         raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
-    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=sigma_one == "flowgrpo")
-    a = check_nonneg("noise_level", noise_level, x)
-    std_t = _std_t(s, a, sn, sigma_one)
-    dt = sn - s
-    mean = x + dt * (v + std_t**2 / (2.0 * s) * (x + (1.0 - s) * v))
-    std = std_t * torch.sqrt(-dt)
-    return GaussianStep(mean, _batch_std(std, x))
+    x, v, s, sn, ref = _prepare(x, v, sigma, sigma_next, allow_one=sigma_one == "flowgrpo")
+    a = check_nonneg("noise_level", noise_level, ref)
+    c_x, c_v, std = _mean_coefficients(s, sn, a, "sde", sigma_one)
+    return GaussianStep(_linear_mean(c_x, c_v, x, v), _batch_std(std.to(x.dtype), x))
 
 
 def cps_step(
@@ -295,13 +305,89 @@ def cps_step(
 
     Reference: ``diffusionopd`` (CPS kernel), Wang & Yu, "Coefficients-Preserving Sampling" (2025).
     """
-    x, v, s, sn = _prepare(x, v, sigma, sigma_next, allow_one=True)
-    a = check_nonneg("noise_level", noise_level, x, upper=1.0)
+    x, v, s, sn, ref = _prepare(x, v, sigma, sigma_next, allow_one=True)
+    a = check_nonneg("noise_level", noise_level, ref, upper=1.0)
+    c_x, c_v, std = _mean_coefficients(s, sn, a, "cps", "error")
+    return GaussianStep(_linear_mean(c_x, c_v, x, v), _batch_std(std.to(x.dtype), x))
+
+
+def _linear_mean(c_x: Tensor, c_v: Tensor, x: Tensor, v: Tensor) -> Tensor:
+    """``c_x x + c_v v`` with float64 coefficients cast to the state's dtype (``x + c_v v`` when c_x = 1,
+    the diffusers Euler step bit for bit)."""
+    c_v = c_v.to(x.dtype)
+    if bool((c_x == 1.0).all()):
+        return x + c_v * v
+    return c_x.to(x.dtype) * x + c_v * v
+
+
+def kernel_coefficients(
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
+    noise_level: SigmaLike,
+    *,
+    kind: Literal["sde", "cps"] = "sde",
+    sigma_one: Literal["error", "flowgrpo"] = "error",
+    batch: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The kernel of one step written as :math:`\mathcal N(c_x x + c_v v,\ s^2 I)`, in float64.
+
+    The mean of :func:`sde_step` and :func:`cps_step` is linear in the state and the velocity, so two
+    kernels at the same state differ in their means by :math:`c_v(v_1 - v_2)` exactly:
+
+    .. math::
+        \text{SDE: } k = \frac{\sigma_t^2}{2\sigma},\ c_x = 1 + \Delta t\,k,\
+            c_v = \Delta t\,\big(1 + k(1-\sigma)\big),\ s = \sigma_t\sqrt{-\Delta t};\qquad
+        \text{CPS: } s = \sigma'\sin\tfrac{a\pi}{2},\ \rho = \sqrt{\sigma'^2 - s^2},\
+            c_x = 1 - \sigma' + \rho,\ c_v = \rho(1-\sigma) - (1-\sigma')\sigma
+
+    Args:
+        sigma: float or ``(B,)`` noise level (as in :func:`sde_step` / :func:`cps_step`).
+        sigma_next: float or ``(B,)`` in ``[0, sigma)``.
+        noise_level: ``a >= 0`` (``<= 1`` for CPS), float or ``(B,)``.
+        kind: ``"sde"`` or ``"cps"``.
+        sigma_one: the SDE's rule at sigma = 1 (see :func:`sde_step`).
+        batch: ``B`` when every other argument is a float.
+
+    Returns:
+        ``(c_x, c_v, s)``, each a float64 ``(B,)`` tensor (computed from the given sigmas, whatever the
+        dtype of the states they will be applied to).
+
+    Reference: ``flowgrpo`` (SDE kernel), ``diffusionopd`` (CPS kernel).
+    """
+    if kind not in ("sde", "cps"):
+        raise ValueError(f"kind must be 'sde' or 'cps' (the ODE step has no density), got {kind!r}")
+    if sigma_one not in ("error", "flowgrpo"):
+        raise ValueError(f"sigma_one must be 'error' or 'flowgrpo', got {sigma_one!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    for val in (sigma, sigma_next, noise_level):
+        if isinstance(val, Tensor) and val.dim() == 1:
+            batch = val.shape[0]
+            break
+    ref = torch.zeros(batch, 1, dtype=torch.float64)
+    s, sn, a = _coefficients_f64(ref, sigma, sigma_next, noise_level, kind, sigma_one)
+    return tuple(t.flatten().expand(batch).clone() for t in _mean_coefficients(s, sn, a, kind, sigma_one))
+
+
+def _coefficients_f64(ref: Tensor, sigma, sigma_next, noise_level, kind: str, sigma_one: str):
+    """Validated float64 ``(sigma, sigma_next, a)`` shaped like ``ref`` ``(B, 1, ..., 1)``."""
+    s = as_batch_tensor("sigma", sigma, ref)
+    sn = as_batch_tensor("sigma_next", sigma_next, ref)
+    check_sigma_pair(s, sn, allow_one=kind == "cps" or sigma_one == "flowgrpo")
+    a = check_nonneg("noise_level", noise_level, ref, upper=1.0 if kind == "cps" else None)
+    return s, sn, a
+
+
+def _mean_coefficients(s: Tensor, sn: Tensor, a: Tensor, kind: str, sigma_one: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(c_x, c_v, std)`` of :func:`kernel_coefficients` on validated float64 tensors."""
+    if kind == "sde":
+        std_t = _std_t(s, a, sn, sigma_one)
+        dt = sn - s
+        k = std_t**2 / (2.0 * s)
+        return 1.0 + dt * k, dt * (1.0 + k * (1.0 - s)), std_t * torch.sqrt(-dt)
     std = sn * torch.sin(a * (math.pi / 2.0))
-    x0_hat = x - s * v
-    eps_hat = x + (1.0 - s) * v
-    mean = (1.0 - sn) * x0_hat + torch.sqrt(torch.clamp(sn**2 - std**2, min=0.0)) * eps_hat
-    return GaussianStep(mean, _batch_std(std, x))
+    rho = torch.sqrt(torch.clamp(sn**2 - std**2, min=0.0))
+    return (1.0 - sn) + rho, rho * (1.0 - s) - (1.0 - sn) * s, std
 
 
 def _batch_std(std: Tensor, x: Tensor) -> Tensor:
@@ -418,6 +504,8 @@ def t_to_sigma(t: SigmaLike) -> Tensor | float:
 def _check_unit(name: str, value: SigmaLike) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor) and not torch.is_floating_point(value):
+        raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
     t = torch.as_tensor(value).to(torch.float64)
     if not bool(torch.isfinite(t).all()) or not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")

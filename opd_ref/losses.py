@@ -19,9 +19,10 @@ from opd_ref._checks import (
     check_same_shape,
     check_sigma_pair,
     check_tensor,
+    sum_event,
 )
 from opd_ref.divergences import same_cov_kl
-from opd_ref.kernels import GaussianStep, sde_step
+from opd_ref.kernels import GaussianStep, _coefficients_f64, _mean_coefficients
 
 __all__ = [
     "opd_kl_loss",
@@ -87,7 +88,7 @@ def ode_matching_loss(x_next_student: Tensor, x_next_teacher: Tensor, *, detach_
     check_same_shape("x_next_student", x_s, "x_next_teacher", x_t)
     if detach_teacher:
         x_t = x_t.detach()
-    return 0.5 * ((x_s - x_t) ** 2).reshape(x_s.shape[0], -1).sum(dim=1)
+    return 0.5 * sum_event((x_s - x_t) ** 2)
 
 
 def ppo_surrogate_loss(
@@ -116,16 +117,21 @@ def ppo_surrogate_loss(
 
     Reference: ``flowgrpo`` (clipped objective), ``diffusionopd`` (PPO baseline), Schulman et al. (2017).
     """
+    check_clip_range(clip_range)
+    log_prob = check_batch_vector("log_prob", log_prob)
+    old_log_prob = check_batch_vector("old_log_prob", old_log_prob, log_prob.shape[0])
+    advantage = check_batch_vector("advantage", advantage, log_prob.shape[0])
+    return clipped_surrogate(log_prob - old_log_prob.detach(), advantage, clip_range)
+
+
+def check_clip_range(clip_range: object) -> None:
+    """Require ``clip_range`` to be ``None`` or a positive finite float (``ValueError`` naming it)."""
     if clip_range is not None and (
         isinstance(clip_range, bool)
         or not isinstance(clip_range, (int, float))
         or not 0 < clip_range < float("inf")
     ):
         raise ValueError(f"clip_range must be a positive finite float or None, got {clip_range!r}")
-    log_prob = check_batch_vector("log_prob", log_prob)
-    old_log_prob = check_batch_vector("old_log_prob", old_log_prob, log_prob.shape[0])
-    advantage = check_batch_vector("advantage", advantage, log_prob.shape[0])
-    return clipped_surrogate(log_prob - old_log_prob.detach(), advantage, clip_range)
 
 
 def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional[float]) -> Tensor:
@@ -148,9 +154,13 @@ def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional
 
     Reference: ``flowgrpo``.
     """
-    # where A = 0 the log-ratio is masked *before* exp, so neither the value nor the gradient sees inf * 0
-    ratio = torch.exp(torch.where(advantage == 0, torch.zeros_like(log_ratio), log_ratio))
-    unclipped = ratio * advantage
+    # where A = 0 the log-ratio is masked *before* exp, so neither the value nor the gradient sees inf * 0;
+    # r A is formed as sign(A) exp(log r + log|A|), finite wherever the product is (r may overflow alone)
+    zero = advantage == 0
+    log_ratio = torch.where(zero, torch.zeros_like(log_ratio), log_ratio)
+    ratio = torch.exp(log_ratio)
+    log_abs_adv = torch.log(torch.where(zero, torch.ones_like(advantage), advantage.abs()))
+    unclipped = torch.where(zero, torch.zeros_like(ratio), torch.sign(advantage) * torch.exp(log_ratio + log_abs_adv))
     if clip_range is None:
         return -unclipped
     return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
@@ -227,12 +237,20 @@ def sde_kl_rescaled(
     """
     if rescale not in ("step_variance", "noise_level_squared"):
         raise ValueError(f"rescale must be 'step_variance' or 'noise_level_squared', got {rescale!r}")
+    x = check_tensor("x", x)
+    v_student = check_tensor("v_student", v_student)
     v_teacher = check_tensor("v_teacher", v_teacher)
+    check_same_shape("x", x, "v_student", v_student)
+    check_same_shape("x", x, "v_teacher", v_teacher)
     if detach_teacher:
         v_teacher = v_teacher.detach()
-    student = sde_step(x, v_student, sigma, sigma_next, noise_level)
-    teacher = sde_step(x, v_teacher, sigma, sigma_next, noise_level)
-    s2_kl = ode_matching_loss(student.mean, teacher.mean, detach_teacher=detach_teacher)
+    ref = torch.zeros((x.shape[0],) + (1,) * (x.dim() - 1), dtype=torch.float64, device=x.device)
+    s, sn, a = _coefficients_f64(ref, sigma, sigma_next, noise_level, "sde", "error")
+    _, c_v, _ = _mean_coefficients(s, sn, a, "sde", "error")
+    # the two means differ by c_v (v_s - v_t) exactly: no difference of two nearly equal means
+    dtype = torch.promote_types(torch.promote_types(v_student.dtype, v_teacher.dtype), torch.float32)
+    gap = c_v.to(dtype) * (v_student.to(dtype) - v_teacher.to(dtype))
+    s2_kl = 0.5 * sum_event(gap**2)
     if rescale == "step_variance":
         return s2_kl
     w = deterministic_limit_weight(sigma, sigma_next).to(dtype=s2_kl.dtype, device=s2_kl.device)

@@ -51,6 +51,37 @@ def _beta(beta: object) -> ScalarLike:
     return beta
 
 
+def _scalar(name: str, value: object) -> ScalarLike:
+    """A finite float or a finite 0-d / one-element floating tensor, returned unchanged (graph kept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
+        if not torch.is_floating_point(value):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        finite = bool(torch.isfinite(value))
+    else:
+        finite = math.isfinite(value)
+    if not finite:
+        raise ValueError(f"{name} must be finite, got {float(value)!r}")
+    return value
+
+
+def _tensor_or_float(name: str, value: object) -> ScalarLike:
+    """A finite float or finite floating tensor of any shape (for the broadcasting decomposition)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if not torch.is_floating_point(value):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains non-finite values (shape {tuple(value.shape)})")
+    elif not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
 def _same_batch(**vectors: Tensor) -> int:
     batch = None
     for name, v in vectors.items():
@@ -84,6 +115,8 @@ def tilted_log_ratio(
     """
     _same_batch(log_q=log_q, log_ref=log_ref, reward=reward)
     b = _beta(beta)
+    # a (B, 1) log_z would broadcast (B,) to (B, B): only a scalar is accepted
+    log_z = _scalar("log_z", log_z)
     return log_q - log_ref - reward / b + log_z
 
 
@@ -110,7 +143,15 @@ def tilted_kl_decomposition(
 
     Reference: ``rtdmd``, ``crd``, ``diffusionopd`` (KL-regularised reward maximisation).
     """
+    kl_to_ref = _tensor_or_float("kl_to_ref", kl_to_ref)
+    expected_reward = _tensor_or_float("expected_reward", expected_reward)
     b = _beta(beta)
+    log_z = _tensor_or_float("log_z", log_z)
+    shapes = [tuple(t.shape) for t in (kl_to_ref, expected_reward, log_z) if isinstance(t, Tensor)]
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"kl_to_ref, expected_reward and log_z must broadcast together, got shapes {shapes}") from None
     return kl_to_ref - expected_reward / b + log_z
 
 
@@ -132,13 +173,16 @@ def importance_weighted_reward(
         reward: ``(B,)`` :math:`r(x_i)`.
 
     Returns:
-        ``(estimate, standard_error)``, 0-d tensors.
+        ``(estimate, standard_error)``, 0-d tensors; the standard error is ``inf`` for ``B = 1`` (no
+        spread to estimate it from).
 
     Reference: ``rtdmd`` (importance form of the reward term), ``crd``.
     """
     batch = _same_batch(log_q=log_q, log_ref=log_ref, reward=reward)
+    if batch == 0:
+        raise ValueError("log_q must hold at least one sample (got shape (0,)): the estimate of an empty batch is undefined")
     terms = torch.exp(log_q - log_ref) * reward
-    se = terms.detach().std() / math.sqrt(batch) if batch > 1 else torch.full_like(terms[0], float("nan"))
+    se = terms.detach().std() / math.sqrt(batch) if batch > 1 else torch.full_like(terms[0], float("inf"))
     return terms.mean(), se
 
 
@@ -182,5 +226,7 @@ def log_partition_estimate(reward: Tensor, beta: ScalarLike) -> Tensor:
     Reference: ``crd`` (the per-prompt normaliser :math:`\log Z(c)`), ``rtdmd``.
     """
     check_batch_vector("reward", reward)
+    if reward.shape[0] == 0:
+        raise ValueError("reward must hold at least one sample (got shape (0,)): log Z of an empty batch is undefined")
     b = _beta(beta)
     return torch.logsumexp(reward / b, dim=0) - math.log(reward.shape[0])

@@ -145,7 +145,7 @@ def test_losses_reject_bad_input():
     _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, V, 0.5, 0.4, 0.7, rescale="a"), "rescale", "'a'")
     _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, V, 1.0, 0.4, 0.7), "sigma must lie in (0, 1)")
     _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, V, 0.5, 0.4, -0.7), "noise_level must be >= 0")
-    _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, WIDE, 0.5, 0.4, 0.7), "x and v must have the same shape")
+    _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, WIDE, 0.5, 0.4, 0.7), "x and v_teacher must have the same shape", "(3, 5)")
     _raises(ValueError, lambda: ls.sde_kl_rescaled(X, V, NAN, 0.5, 0.4, 0.7), "v_teacher contains 3 non-finite")
     _raises(ValueError, lambda: ls.deterministic_limit_weight(0.5, 0.5), "sigma_next must lie in [0, sigma)")
     _raises(ValueError, lambda: ls.deterministic_limit_weight(1.0, 0.5), "sigma must lie in (0, 1)")

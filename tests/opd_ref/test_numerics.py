@@ -59,3 +59,161 @@ def test_ppo_surrogate_is_zero_at_zero_advantage_even_when_the_ratio_overflows(c
     v = torch.full((3, 2), 50.0)  # far from the behaviour policy: log-ratio in the hundreds
     out = ObjectiveSpec("grpo", clip_range=clip)(StepInputs(c, v, v_old, torch.ones(3, 2), None, adv))
     assert float(out.loss[0]) == 0.0 and float(out.loss[1]) == 0.0
+
+
+# ---- issue 11, item 5: KL and log-ratio from the velocity gap; no NaN on finite inputs ----------------
+
+from opd_ref import kernel_kl, kernel_log_ratio, bregman_divergence, gopd_sample_loss, gopd_step_loss  # noqa: E402
+from opd_ref import estimators, tilted_log_ratio  # noqa: E402
+
+# the issue's grid: sigma in [1e-6, 0.9999], |dt| down to 1e-5 (and the step to 0), D up to 262144
+KL_STEPS = [(0.9, 0.8), (0.9999, 0.9998), (0.9999, 0.99989), (0.5, 0.49999), (1e-6, 5e-7), (1e-5, 0.0), (0.3, 0.29999)]
+
+
+def _ref_kl(x, v_s, v_t, s, sn, a, kind):
+    """float64 oracle: the closed form on the two kernel means built in float64 (written anew)."""
+    step = sde_step if kind == "sde" else cps_step
+    p, q = step(x.double(), v_s.double(), s, sn, a), step(x.double(), v_t.double(), s, sn, a)
+    return ((p.mean - q.mean) ** 2).flatten(1).sum(1) / (2.0 * p.std.flatten() ** 2)
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+@pytest.mark.parametrize("D", [16 * 32 * 32, 262144])
+def test_float32_kernel_kl_meets_the_relative_error_target(kind, D):
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, D, generator=g)
+    v_s = torch.randn(2, D, generator=g)
+    v_t = v_s + 1e-3 * torch.randn(2, D, generator=g)
+    worst_kernel, worst_means = 0.0, 0.0
+    for s, sn in KL_STEPS:
+        if kind == "cps" and sn == 0.0:
+            continue  # CPS has std 0 at sigma' = 0
+        ref = _ref_kl(x, v_s, v_t, s, sn, 0.7, kind)
+        got = kernel_kl(v_s, v_t, s, sn, 0.7, kind=kind)
+        assert got.dtype == torch.float32
+        worst_kernel = max(worst_kernel, float(((got.double() - ref) / ref).abs().max()))
+        step = sde_step if kind == "sde" else cps_step
+        means = opd_kl_loss(step(x, v_s, s, sn, 0.7), step(x, v_t, s, sn, 0.7).mean)
+        worst_means = max(worst_means, float(((means.double() - ref) / ref).abs().max()))
+    assert worst_kernel <= 1e-4
+    assert worst_means > 1e-2  # the two-means form really does lose precision on this grid
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_float32_kernel_log_ratio_meets_the_absolute_error_target(kind):
+    D = 65536
+    g = torch.Generator().manual_seed(7)
+    step = sde_step if kind == "sde" else cps_step
+    worst_new, worst_old = 0.0, 0.0
+    for s, sn in [(0.9, 0.8), (0.5, 0.4), (0.2, 0.1), (1e-3, 5e-4), (0.9999, 0.9998)]:
+        x, v_s = torch.randn(2, D, generator=g), torch.randn(2, D, generator=g)
+        v_t = v_s + 1e-3 * torch.randn(2, D, generator=g)
+        x_next = step(x, v_s, s, sn, 0.7).sample(g)
+        p, q = step(x.double(), v_s.double(), s, sn, 0.7), step(x.double(), v_t.double(), s, sn, 0.7)
+        ref = torch.distributions.Normal(p.mean, p.std).log_prob(x_next.double()).sum(1) - \
+            torch.distributions.Normal(q.mean, q.std).log_prob(x_next.double()).sum(1)
+        got = kernel_log_ratio(x_next, x, v_s, v_t, s, sn, 0.7, kind=kind)
+        worst_new = max(worst_new, float((got.double() - ref).abs().max()))
+        old = gaussian_log_prob(x_next, step(x, v_s, s, sn, 0.7)) - gaussian_log_prob(x_next, step(x, v_t, s, sn, 0.7))
+        worst_old = max(worst_old, float((old.double() - ref).abs().max()))
+    assert worst_new <= 1e-5
+    assert worst_old > 1e-4  # the difference of two summed float32 log-probs misses it
+
+
+def test_k1_and_vopd_advantages_are_accurate_in_float32_at_65536_dims():
+    D = 65536
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(1, D, generator=g)
+    t_mean = mean + 2e-3 * torch.randn(1, D, generator=g)
+    std = 0.5
+    x_next = mean + std * torch.randn(1, D, generator=g)
+    d, e = (mean.double() - t_mean.double()) / std, (x_next.double() - mean.double()) / std
+    lr_ref = float((d * (e + 0.5 * d)).sum())  # log pi_s - log pi_t, written anew
+    kl_ref = float(0.5 * (d * d).sum())
+    lr = float(estimators._log_ratio(GaussianStep(mean, std), t_mean, x_next))
+    assert abs(lr - lr_ref) < 1e-5 and abs(kl_ref) > 1e-2
+    # vOPD's advantage is lr - KL = delta . eps exactly
+    step = GaussianStep(mean.clone().requires_grad_(True), std)
+    lp = float(gaussian_log_prob(x_next, GaussianStep(mean, std)))
+    got = float(estimators.vopd_surrogate(step, t_mean, x_next)) / lp
+    assert abs(got - (lr_ref - kl_ref)) < 1e-5
+
+
+def test_no_nan_on_large_finite_inputs():
+    big = torch.tensor([800.0, -800.0, 80.0, 0.0, 1e-7])
+    for name in ("kl", "reverse_kl", "pearson_chi2", "jensen_shannon"):
+        for star in (None, torch.tensor([800.0, 0.0, -80.0, 0.0, 0.0]), big.clone()):
+            for dtype in (torch.float32, torch.float64):
+                out = bregman_divergence(big.to(dtype), name, None if star is None else star.to(dtype))
+                assert not bool(torch.isnan(out).any()), (name, out)
+                assert bool((out >= 0).all())
+                if star is not None and torch.equal(star, big):
+                    assert bool((out == 0).all())  # D_h(r || r) = 0 exactly, also at r = e^800
+    # KL at log_ratio = 800 (inf - inf before): e^800 (800 - 1) + 1 overflows float64 -> inf, not NaN
+    assert float(bregman_divergence(torch.tensor([800.0], dtype=F64), "kl")[0]) == math.inf
+    # G-OPD: two KLs that each overflow float32 with lam = 2 gave inf - inf
+    mean = torch.full((2, 4), 1e20)
+    st = GaussianStep(mean, 1e-3)
+    out = gopd_step_loss(st, torch.full((2, 4), -1e20), torch.full((2, 4), -1e20), 2.0)
+    assert bool(torch.isinf(out).all()) and bool((out > 0).all())
+    out = gopd_step_loss(st, mean, mean * 0.999, 2.0)  # finite combination (negative), was NaN
+    ref = gopd_step_loss(GaussianStep(mean.double(), 1e-3), mean.double(), mean.double() * 0.999, 2.0)
+    assert not bool(torch.isnan(out).any()) and bool((out == ref.float()).all())
+    lp = torch.tensor([3e38, -3e38])
+    assert not bool(torch.isnan(gopd_sample_loss(lp, lp, lp, 2.0)).any())
+
+
+def test_bregman_closed_forms_match_high_precision_definition():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 1000  # the definition cancels catastrophically; 1000 digits resolve it
+    defs = {
+        "kl": (lambda r: r * mpmath.log(r), lambda r: mpmath.log(r) + 1),
+        "reverse_kl": (lambda r: -mpmath.log(r), lambda r: -1 / r),
+        "pearson_chi2": (lambda r: (r - 1) ** 2, lambda r: 2 * (r - 1)),
+        "jensen_shannon": (lambda r: (r * mpmath.log(2 * r / (1 + r)) + mpmath.log(2 / (1 + r))) / 2,
+                           lambda r: mpmath.log(2 * r / (1 + r)) / 2),
+    }
+    vals = [-800.0, -30.0, -1.0000001, -1.0, -0.3, -1e-3, -1e-7, 0.0, 1e-7, 1e-3, 0.3, 1.0, 1.0000001, 30.0, 800.0]
+    for name, (h, hp) in defs.items():
+        for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+            lr = torch.tensor([a for a in vals for _ in vals], dtype=dtype)
+            lrs = torch.tensor([b for _ in vals for b in vals], dtype=dtype)
+            got = bregman_divergence(lr, name, lrs)
+            for i in range(lr.shape[0]):
+                r, rs = mpmath.e ** mpmath.mpf(float(lr[i])), mpmath.e ** mpmath.mpf(float(lrs[i]))
+                want = h(r) - h(rs) - hp(rs) * (r - rs)
+                if want > torch.finfo(dtype).max:
+                    assert float(got[i]) == math.inf, (name, float(lr[i]), float(lrs[i]))
+                else:
+                    assert abs(float(got[i]) - float(want)) <= rtol * float(want) + 1e-300, (name, float(lr[i]), float(lrs[i]), float(got[i]), float(want))
+
+
+def test_tilted_log_ratio_rejects_a_log_z_that_would_broadcast_or_is_not_a_number():
+    v = torch.zeros(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"log_z must be a float or a 0-d tensor, got shape \(3, 1\)"):
+        tilted_log_ratio(v, v, v, 1.0, torch.zeros(3, 1, dtype=F64))
+    with pytest.raises(ValueError, match="log_z must be finite"):
+        tilted_log_ratio(v, v, v, 1.0, math.nan)
+    for bad in ("1", None):
+        with pytest.raises(TypeError, match="log_z must be a float or a 0-d tensor"):
+            tilted_log_ratio(v, v, v, 1.0, bad)
+    assert tilted_log_ratio(v, v, v, 1.0, torch.tensor(0.5, dtype=F64)).shape == (3,)
+
+
+def test_python_float_sigmas_are_not_rounded_to_float32():
+    # sigma = 1 - 1e-7 rounds to 1 - 1.19e-7 in float32: 1 - sigma was off by 19 %
+    x, v = torch.zeros(1, 2), torch.ones(1, 2)
+    st = sde_step(x, v, 1.0 - 1e-7, 1.0 - 2e-7, 0.7)
+    want = 0.7 * math.sqrt((1.0 - 1e-7) / 1e-7) * math.sqrt(1e-7)
+    assert float(st.std.flatten()[0]) == pytest.approx(want, rel=1e-6)
+    assert float(ode_step(x, v, 0.5, 0.5 - 1e-7)[0, 0]) == pytest.approx(-1e-7, rel=1e-6)
+
+
+def test_ppo_ratio_that_overflows_alone_times_a_small_advantage_is_finite():
+    lp = torch.tensor([100.0, 100.0], requires_grad=True)
+    adv = torch.tensor([1e-30, -1e-30])
+    loss = ppo_surrogate_loss(lp, torch.zeros(2), adv)  # e^100 overflows float32, e^100 * 1e-30 does not
+    want = -math.exp(100.0) * 1e-30
+    assert float(loss[0]) == pytest.approx(want, rel=1e-5) and float(loss[1]) == pytest.approx(-want, rel=1e-5)
+    (g,) = torch.autograd.grad(loss.sum(), lp)
+    assert bool(torch.isfinite(g).all())

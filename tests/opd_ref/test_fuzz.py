@@ -51,7 +51,10 @@ from opd_ref.kernels import GaussianStep
 
 F32, F64 = torch.float32, torch.float64
 RTOL = 1e-4
-EXCLUDED_MODULES = ("opd_ref.engine",)
+# opd_ref.engine validates once in its specs and is tested in test_engine.py; opd_ref.dimo and
+# opd_ref.conformance (an adapter-loading CLI) landed after this table was written and are not fuzzed yet:
+# each needs its own rows (dimo: logits with extreme magnitudes, masks, beta edges)
+EXCLUDED_MODULES = ("opd_ref.engine", "opd_ref.dimo", "opd_ref.conformance")
 MAGS = (1.0, 1.0, 1e-3, 1e3, 1e-30, 1e30)
 SIGMAS = (0.5, 0.9999, 1e-6, 1.0, 1.0 - 1e-7, 1e-7, 0.3, 0.0)
 NOISES = (0.7, 1.0, 0.0, 1e-7, 0.3, 1.5)
@@ -471,8 +474,9 @@ def _slot_set(args, kwargs, sl, value):
 
 
 def public_callables() -> Dict[str, object]:
-    """Every callable in ``opd_ref.__all__`` and in each public submodule's ``__all__`` (engine excluded)."""
-    found = {n: getattr(opd_ref, n) for n in opd_ref.__all__ if callable(getattr(opd_ref, n))}
+    """Every callable in ``opd_ref.__all__`` and in each public submodule's ``__all__`` (``EXCLUDED_MODULES`` aside)."""
+    found = {n: getattr(opd_ref, n) for n in opd_ref.__all__ if callable(getattr(opd_ref, n))
+             and not getattr(getattr(opd_ref, n), "__module__", "").startswith(EXCLUDED_MODULES)}
     for info in pkgutil.iter_modules(opd_ref.__path__):
         mod_name = f"opd_ref.{info.name}"
         if info.name.startswith("_") or mod_name in EXCLUDED_MODULES:

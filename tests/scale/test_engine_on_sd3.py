@@ -44,7 +44,7 @@ def _grads(params, loss):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
 
 
-def _close(a, b, rtol=1e-4):
+def _assert_close(a, b, rtol=1e-4):
     num = math.sqrt(sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b)))
     den = math.sqrt(sum(float(y.double().pow(2).sum()) for y in b))
     assert den > 0, "the oracle gradient is zero: the comparison could not fail"
@@ -88,9 +88,9 @@ def test_distill_update_gradient_is_the_task_average(workspace, tmp_path):
                 loss = loss + batch.weight * opd_kl_loss(step_s, step_t.mean).mean()
         per_task.append(_grads(params, loss))
     average = [(g0 + g1) / 2 for g0, g1 in zip(*per_task)]
-    _close(rec.grads, average)
+    _assert_close(rec.grads, average)
     # the two tasks' gradients differ, so a missing 1/K (or a missing task) cannot pass
-    _close([g0 - g1 for g0, g1 in zip(*per_task)], average, rtol=10.0)
+    _assert_close([g0 - g1 for g0, g1 in zip(*per_task)], average, rtol=10.0)
 
 
 def _stage1_trainer(ws, tmp_path, **over):
@@ -146,7 +146,7 @@ def test_stage1_loss_includes_beta_times_the_kl_to_the_reference(workspace, tmp_
     assert stats["kl_ref"] == pytest.approx(kl_value, rel=1e-4)
     assert stats["loss"] - stats0["loss"] == pytest.approx(beta * kl_value, rel=1e-3)
     # float32: the oracle subtracts two nearly equal kernel means, the engine takes c_v (v - v_ref)
-    _close([g - g0 for g, g0 in zip(grads, grads0)], [beta * g for g in _grads(params, kl_sum)], rtol=2e-3)
+    _assert_close([g - g0 for g, g0 in zip(grads, grads0)], [beta * g for g in _grads(params, kl_sum)], rtol=2e-3)
 
 
 def _update_grads(trainer, kind):
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(workspace, tmp_path, ki
                                           gradient_checkpointing=ckpt))
         assert trainer.setup.transformer.is_gradient_checkpointing == ckpt
         grads[ckpt] = _update_grads(trainer, kind)
-    _close(grads[True], grads[False], rtol=1e-5)
+    _assert_close(grads[True], grads[False], rtol=1e-5)
 
 
 def test_a_non_finite_velocity_stops_the_run_naming_where(workspace, tmp_path):

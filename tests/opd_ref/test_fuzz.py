@@ -258,6 +258,9 @@ SCALES: Dict[str, Callable[[tuple, dict], float]] = {
     "unit_interval_advantage": lambda a, k: 1.0,
     # a difference of two weighted denoising losses: the scale is their size
     "elbo_log_ratio": lambda a, k: _elbo_terms(*a),
+    # sums of log-densities of both signs: the scale is the size of the summands
+    "gopd_log_target": lambda a, k: _absmax(a[1]) + abs(a[2]) * (_absmax(a[0]) + _absmax(a[1])),
+    "gopd_sample_loss": lambda a, k: _absmax(a[0]) + _absmax(a[2]) + abs(a[3]) * (_absmax(a[1]) + _absmax(a[2])),
     # log Z is a sum of quadratic forms and log-determinants that cancel (0 at lam = 1)
     "log_partition_estimate": lambda a, k: _absmax(a[0]) / a[1] + math.log(max(a[0].shape[0], 1)),
     "distribution_matching_surrogate": lambda a, k: _inner_scale(a[0], a[1], a[2], k.get("weight", 1.0)),
@@ -279,7 +282,8 @@ def _elbo_terms(v_theta, v_ref, x, nodes, weights, eps):
     """Sum of |omega_j w(sigma_j)| (L_theta + L_ref): the size of the terms elbo_log_ratio subtracts."""
     if not x.numel():
         return 0.0
-    eps = eps[:, None, :].expand(eps.shape[0], *x.shape)
+    if eps.dim() == 2:
+        eps = eps[:, None, :].expand(eps.shape[0], *x.shape)
     total = 0.0
     for s_j, om in zip(nodes.tolist(), weights.tolist()):
         for v in (v_theta, v_ref):

@@ -98,6 +98,8 @@ def discriminator_logistic_loss(logit_student: Tensor, logit_teacher: Tensor) ->
         if t.dim() != 1:
             raise ValueError(f"{name} must have shape (n,), got {tuple(t.shape)}")
     n = logit_student.shape[0] + logit_teacher.shape[0]
+    if n == 0:
+        raise ValueError("logit_student and logit_teacher are both empty: the loss is a mean over no samples")
     return (softplus(-logit_student).sum() + softplus(logit_teacher).sum()) / n
 
 

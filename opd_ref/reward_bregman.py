@@ -33,13 +33,14 @@ Notation map: ``reward`` -> :math:`R(x)`, ``beta`` -> :math:`\beta`, ``log_z`` -
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
 from torch import Tensor
 
 from opd_ref._checks import as_batch_tensor, check_same_shape, check_tensor
-from opd_ref.bregman import BregmanH, bregman_generator_surrogate, get_h
+from opd_ref.bregman import BregmanH, get_h
 from opd_ref.distribution_matching import distribution_matching_surrogate
 
 __all__ = ["normalized_reward_log_ratio", "reward_bregman_generator_surrogate"]
@@ -62,13 +63,17 @@ def normalized_reward_log_ratio(reward: Tensor, beta: float, log_z: Union[float,
     Reference: ``dibregman``, ``rtdmd``.
     """
     reward = check_tensor("reward", reward, min_dim=0)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a float > 0, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float > 0, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite float > 0, got {beta!r}")
     if isinstance(log_z, Tensor):
         if log_z.dim() != 0 or not bool(torch.isfinite(log_z)):
-            raise ValueError(f"log_z must be a finite 0-d tensor or float, got shape {tuple(log_z.shape)}")
+            raise ValueError(f"log_z must be a finite 0-d tensor or float, got {log_z!r}")
     elif isinstance(log_z, bool) or not isinstance(log_z, (int, float)):
         raise TypeError(f"log_z must be a float or a 0-d tensor, got {type(log_z).__name__}")
+    elif not math.isfinite(log_z):
+        raise ValueError(f"log_z must be finite, got {log_z!r}")
     return reward / beta - log_z
 
 
@@ -110,16 +115,24 @@ def reward_bregman_generator_surrogate(
     """
     h = get_h(h)
     x_sigma = check_tensor("x_sigma", x_sigma)
-    grad_log_ratio_star = check_tensor("grad_log_ratio_star", grad_log_ratio_star)
-    check_same_shape("x_sigma", x_sigma, "grad_log_ratio_star", grad_log_ratio_star)
-    log_ratio_star = check_tensor("log_ratio_star", log_ratio_star)
-    if log_ratio_star.shape != (x_sigma.shape[0],):
-        raise ValueError(f"log_ratio_star must have shape ({x_sigma.shape[0]},), got {tuple(log_ratio_star.shape)}")
+    named = (("score_fake", score_fake), ("score_real", score_real), ("grad_log_ratio_star", grad_log_ratio_star))
+    for name, t in named:
+        check_same_shape("x_sigma", x_sigma, name, check_tensor(name, t))
+    for name, t in (("log_ratio", log_ratio), ("log_ratio_star", log_ratio_star)):
+        if check_tensor(name, t).shape != (x_sigma.shape[0],):
+            raise ValueError(f"{name} must have shape ({x_sigma.shape[0]},), got {tuple(t.shape)}")
     w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
     w = w.reshape(-1) if w.numel() != 1 else w.reshape(())
-    fake_part = bregman_generator_surrogate(x_sigma, score_fake, score_real, log_ratio, h, w)
-    star_part = distribution_matching_surrogate(
-        x_sigma, grad_log_ratio_star, torch.zeros_like(grad_log_ratio_star),
-        weight=w * h.grad_weight(log_ratio_star.detach()),
-    )
-    return fake_part - star_part
+    # the two weighted directions are combined in float64 and dotted with x once: in float32 each part
+    # alone can overflow to inf, and inf - inf is NaN where the difference is merely beyond the range
+    f64 = torch.float64
+    col = (-1,) + (1,) * (x_sigma.dim() - 1)
+    weight_fake = h.grad_weight(log_ratio.detach().to(f64)).reshape(col)
+    weight_star = h.grad_weight(log_ratio_star.detach().to(f64)).reshape(col)
+    sf, sr, gs = (t.detach().to(f64) for _, t in named)
+    direction = weight_fake * (sf - sr) - weight_star * gs
+    dtype = x_sigma.dtype
+    for t in (score_fake, score_real, grad_log_ratio_star, log_ratio, log_ratio_star):
+        dtype = torch.promote_types(dtype, t.dtype)
+    out = distribution_matching_surrogate(x_sigma, direction, torch.zeros_like(direction), weight=w)
+    return out.to(dtype)

@@ -48,6 +48,8 @@ REGISTRY: Dict[str, str] = {
     "crd_centering": "toys.experiments.crd_centering",
     "divergence_family": "toys.experiments.divergence_family",
     "dimo": "toys.experiments.dimo",
+    "learned_ratio": "toys.experiments.learned_ratio",
+    "reward_bregman": "toys.experiments.reward_bregman",
 }
 
 

@@ -26,6 +26,7 @@ import griffe
 CITATION_KEYS = (
     "diffusionopd", "flowgrpo", "crd", "dibregman", "dimo", "dmd", "dmd2", "diffinstruct", "gopd",
     "vopd", "rtdmd", "nft", "tm-opd",
+    "diffusiongan",
 )
 
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")

@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 
 import opd_ref
 from opd_ref import bregman, chains, crd, distribution_matching, divergences, elbo, estimators, gopd, kernels, losses, tilting
+from opd_ref import discriminator, reward_bregman
 from opd_ref.kernels import GaussianStep
 
 F32, F64 = torch.float32, torch.float64
@@ -144,6 +145,11 @@ def _chain(g, d, n):
     return chains.LinearGaussianChain(A, g.t(n, d, mag=1.0), g.t(n, positive=True, mag=1.0))
 
 
+def _logit_fn(x, sigma):
+    """A smooth logit on (x, sigma) (dtype-following), for discriminator_log_ratio."""
+    return 0.5 * x.flatten(1).sum(1) + 0.1 * torch.tanh(x.flatten(1)).sum(1) + 0.0 * sigma
+
+
 def _grads_case(g):
     def make(dtype):
         theta = torch.ones(2, dtype=dtype, requires_grad=True)
@@ -196,6 +202,17 @@ ROWS: Dict[str, Callable[[Gen], Any]] = {
     "estimator_surrogate": lambda g: ((g.pick(list(estimators.ESTIMATORS), "name"), g.step(), g.state(), g.state()), {}),
     "analytic_moments": lambda g: ((g.t(4, 2), g.t(4), g.pick([0.5, 1e-3, 1e3], "s")), {}),
     "per_sample_grads": _grads_case,
+    # discriminator (D14)
+    "log_prior_ratio": lambda g: ((g.pick([1, 3, 1000], "n_student"), g.pick([1, 2, 7], "n_teacher")), {}),
+    "discriminator_logistic_loss": lambda g: ((g.t(g.B + 1), g.vec()), {}),
+    "bayes_optimal_logit": lambda g: ((g.state(), g.state(), g.pick([1, 3], "n_student"), 2), {}),
+    "logit_to_log_ratio": lambda g: ((g.state(), 3, g.pick([1, 2], "n_teacher")), {}),
+    "discriminator_log_ratio": lambda g: ((_logit_fn, g.state(), g.sigma()), {"n_student": 2}),
+    "gan_generator_loss": lambda g: ((g.vec(),), {}),
+    # reward_bregman (D15)
+    "normalized_reward_log_ratio": lambda g: ((g.state(), g.pick([0.5, 1e-3, 1e3], "beta"), g.pick([0.0, 1.5], "log_z")), {}),
+    "reward_bregman_generator_surrogate": lambda g: ((g.state(), g.state(), g.state(), g.vec(mag=1.0), g.vec(mag=1.0),
+                                                      g.state(), g.pick(sorted(bregman.H_FAMILY), "h")), {}),
     # bregman
     "BregmanH": lambda g: (("kl", "text", bregman.KL.h, bregman.KL.h_prime, bregman.KL.grad_weight), {}),
     "get_h": lambda g: ((g.pick(sorted(bregman.H_FAMILY) + [bregman.KL], "h"),), {}),

@@ -170,10 +170,12 @@ def test_reduces_to_d11_for_a_flat_reward():
 
 def test_bad_input():
     x = torch.zeros(3, 2, dtype=D)
-    with pytest.raises(ValueError, match="beta must be a float > 0, got 0.0"):
+    with pytest.raises(ValueError, match="beta must be a finite float > 0, got 0.0"):
         normalized_reward_log_ratio(torch.zeros(3, dtype=D), 0.0, 0.0)
     with pytest.raises(TypeError, match="log_z must be a float or a 0-d tensor, got str"):
         normalized_reward_log_ratio(torch.zeros(3, dtype=D), 1.0, "0")
+    with pytest.raises(ValueError, match="log_z must be finite, got nan"):
+        normalized_reward_log_ratio(torch.zeros(3, dtype=D), 1.0, float("nan"))
     with pytest.raises(ValueError, match="log_z must be a finite 0-d tensor"):
         normalized_reward_log_ratio(torch.zeros(3, dtype=D), 1.0, torch.zeros(2, dtype=D))
     with pytest.raises(ValueError, match=r"log_ratio_star must have shape \(3,\), got \(2,\)"):

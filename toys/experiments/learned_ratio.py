@@ -204,7 +204,7 @@ def train_generator_learned(
     return student.mixture(0).detach()
 
 
-def _bayes_identity_check(student: GaussianMixture, teacher: GaussianMixture) -> dict:
+def _bayes_identity_checks(student: GaussianMixture, teacher: GaussianMixture) -> List[dict]:
     r"""Population logistic loss by grid quadrature at sigma = 0.3 with prior ratio 3: the Bayes-optimal
     logit has a zero pointwise derivative and lower loss than shifted/tilted perturbations of it."""
     from toys.metrics import quadrature_grid
@@ -223,9 +223,11 @@ def _bayes_identity_check(student: GaussianMixture, teacher: GaussianMixture) ->
     resid = float((deriv.abs() / (pi_s * ls.exp() + pi_t * lt.exp())).max())
     base = pop(d_star)
     gain = min(pop(d_star + e * f) - base for e in (-0.1, 0.1) for f in (torch.ones_like(d_star), pts[:, 0]))
-    return {"name": "D14: Bayes-optimal logit log p_theta,s - log p_T,s + log(n_theta/n_T) is stationary "
-                    "(max relative pointwise derivative) and perturbations raise the population loss (min gain > 0)",
-            "value": f"{resid:.1e}; {gain:.2e}", "threshold": "< 1e-12; > 0", "passed": resid < 1e-12 and gain > 0}
+    return [{"name": "D14: the Bayes-optimal logit log p_theta,s - log p_T,s + log(n_theta/n_T) is stationary for "
+                     "the population logistic loss (sigma 0.3, n_theta/n_T = 3; max relative pointwise derivative)",
+             "value": resid, "threshold": "< 1e-12", "passed": resid < 1e-12},
+            {"name": "D14: perturbing the Bayes-optimal logit by +-0.1 (constant, linear in x) raises the population "
+                     "loss (min gain)", "value": gain, "threshold": "> 0", "passed": gain > 0}]
 
 
 def _cos_rel(a: Tensor, b: Tensor) -> Tuple[float, float]:
@@ -237,11 +239,11 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     out_dir = pathlib.Path(out_dir)
     setting = default_setting()
     teacher, init = generator_problem(setting)
-    fit_steps, steps, batch, eval_every, grid_n = (300, 100, 128, 25, 101) if quick else (1500, 300, 192, 25, 181)
+    fit_steps, steps, batch, eval_every, grid_n = (400, 100, 128, 25, 101) if quick else (1500, 300, 192, 25, 181)
     run_seeds = [int(seeds[0])] if quick else [int(s) for s in seeds]
     div = GridDivergence(grid_n)
     metrics: List[dict] = []
-    checks = [_bayes_identity_check(init, teacher)]
+    checks = _bayes_identity_checks(init, teacher)
 
     # 1. the discriminator on the fixed initial pair
     disc = fit_discriminator(init, teacher, seed=run_seeds[0], steps=fit_steps, batch=512, lr=1e-2)
@@ -256,8 +258,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
 
     # 2. generator gradients, learned vs exact ratio, at the initial generator
     student0 = GMMStudent(GaussianMixture(teacher.weights, init.means, init.covs))
-    g_learned = generator_gradients(disc, student0, teacher, n=8192, seed=7)
-    g_exact = generator_gradients(None, student0, teacher, n=8192, seed=7)
+    g_learned = generator_gradients(disc, student0, teacher, n=4096, seed=7)
+    g_exact = generator_gradients(None, student0, teacher, n=4096, seed=7)
     grad_rows = ["| loss | cosine | relative error |", "|---|---|---|"]
     cos = {}
     for name in g_exact:
@@ -323,7 +325,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_xticks(np.arange(len(names)), names, rotation=20, fontsize=8)
     ax.set_ylim(min(0.0, min(cos.values())) if min(cos.values()) < 0.5 else 0.5, 1.0)
     ax.set_ylabel("cosine(learned-ratio gradient, exact-ratio gradient)")
-    ax.set_title("generator gradient at the initial generator (8192 samples)", fontsize=9)
+    ax.set_title("generator gradient at the initial generator (4096 samples)", fontsize=9)
     for ax, h in zip([axes[0, 1], axes[0, 2], axes[1, 1], axes[1, 2]], H_NAMES):
         for kind, col, ls, mk in (("exact", "tab:blue", "-", "o"), ("learned", "tab:red", "--", "s")):
             arr = curves[(h, kind)]
@@ -333,7 +335,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         ax.set_xlabel("generator step")
         ax.set_ylabel(f"exact {H_FAMILY[h].divergence.split(' =')[0]}", fontsize=8)
         ax.set_title(f"Di-Bregman h = {h}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        # lower left is empty where the curves fall; for chi^2 the learned-ratio run rises (right, above)
+        ax.legend(fontsize=7, loc="center right" if h == "pearson_chi2" else "lower left")
     fig.suptitle(f"D14: density ratio by classification vs the exact ratio ({len(run_seeds)} seed(s), batch {batch})",
                  fontsize=10)
     figures = [save(fig, out_dir, "learned_ratio.png")]

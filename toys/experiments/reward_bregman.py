@@ -72,15 +72,17 @@ def _minimiser_checks(obj: RewardObjective, target: GaussianMixture, teacher: Ga
                 worst_val, worst_grad = max(worst_val, float(val.detach())), max(worst_grad, rel)
             else:
                 shifted[h] = rel
-    checks.append({"name": "D15: at p* the objective E_T[D_h(r || r*)] is 0 and its gradient (means, Cholesky) "
-                           "is 0, every h (max value; max |grad| / |grad at the start|)",
-                   "value": f"{worst_val:.1e}; {worst_grad:.1e}", "threshold": "< 1e-12; < 1e-8",
-                   "passed": worst_val < 1e-12 and worst_grad < 1e-8})
+    checks.append({"name": "D15: at p* the objective E_T[D_h(r || r*)] is 0, every h (max value)",
+                   "value": worst_val, "threshold": "< 1e-12", "passed": worst_val < 1e-12})
+    checks.append({"name": "D15: at p* the objective's gradient (means, Cholesky) is 0, every h "
+                           "(max |grad| / |grad at the start|)",
+                   "value": worst_grad, "threshold": "< 1e-8", "passed": worst_grad < 1e-8})
     others = min(v for h, v in shifted.items() if h != "kl")
-    checks.append({"name": "D15: with log Z off by 0.5 the gradient at p* stays 0 only for h = r log r "
-                           "(|grad| / |grad at the start|: kl; min over the other h)",
-                   "value": f"{shifted['kl']:.1e}; {others:.1e}", "threshold": "< 1e-8; > 1e-6",
-                   "passed": shifted["kl"] < 1e-8 and others > 1e-6})
+    checks.append({"name": "D15: with log Z off by 0.5, h = r log r keeps p* stationary (|grad| / |grad at the start|)",
+                   "value": shifted["kl"], "threshold": "< 1e-8", "passed": shifted["kl"] < 1e-8})
+    checks.append({"name": "D15: with log Z off by 0.5, p* is not stationary for reverse KL, JS, chi^2 "
+                           "(min over them of |grad| / |grad at the start|)",
+                   "value": others, "threshold": "> 1e-6", "passed": others > 1e-6})
     return checks
 
 
@@ -115,7 +117,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     log_z = float(log_z)
     _, ring = generator_problem(setting)
     init = GaussianMixture(target.weights, ring.means, ring.covs)
-    steps, batch, eval_every, grid_n = (120, 192, 20, 101) if quick else (400, 512, 25, 181)
+    steps, batch, eval_every, grid_n = (100, 192, 20, 81) if quick else (400, 512, 25, 181)
     run_seeds = [int(seeds[0])] if quick else [int(s) for s in seeds]
     obj = RewardObjective(teacher, reward, BETA, log_z, grid_n)
     div = GridDivergence(grid_n)
@@ -155,7 +157,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     for ax in axes:
         ax.set_yscale("log")
         ax.set_xlabel("generator step")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="lower left")  # the curves start at the top left and fall to the right
     axes[0].set_title(r"distance to the reward-tilted teacher $p^* = p_T e^{R/\beta}/Z$", fontsize=9)
     axes[1].set_title(r"each generator's own objective, $r^* = e^{R/\beta}/Z$", fontsize=9)
     fig.suptitle(f"D15: Di-Bregman with a normalised reward (beta = {BETA}, sigma = 0, {len(run_seeds)} seed(s), "

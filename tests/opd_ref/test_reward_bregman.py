@@ -185,3 +185,44 @@ def test_bad_input():
                                            torch.zeros(3, 1, dtype=D), "kl")
     with pytest.raises(ValueError, match="h must be a BregmanH or one of"):
         reward_bregman_generator_surrogate(x, x, x, torch.zeros(3, dtype=D), torch.zeros(3, dtype=D), x, "tv")
+
+
+@given(**problems, mu=st.floats(-1.5, 1.5), s=st.floats(0.7, 1.0), sigma=st.floats(0.1, 0.9),
+       name=st.sampled_from(sorted(H_FAMILY)))
+def test_gradient_formula_at_a_noise_level(m, v, a, c, beta, mu, s, sigma, name):
+    # at noise level sigma the target ratio is r*_sigma = p*_sigma / p_T,sigma (noised tilt over noised
+    # teacher, all Gaussian: N((1-sigma) m, (1-sigma)^2 v^2 + sigma^2)), with grad log r*_sigma the
+    # difference of their scores; x_sigma = (1-sigma) mu + sqrt((1-sigma)^2 s^2 + sigma^2) xi has the law
+    # of (1-sigma) G(z) + sigma eps, so the pathwise expectation is the same function of (mu, log s)
+    pb = Problem(m, v, a, c, beta)
+    k = 1.0 - sigma
+
+    def noised(mean, std):
+        return Normal(k * mean, torch.sqrt(k**2 * std**2 + sigma**2))
+
+    teacher_s, star_s = noised(_f64(m), _f64(v)), noised(_f64(pb.m_star), _f64(pb.v_star))
+
+    def objective(mu_, log_s_):
+        x, w = _gl(-25.0, 25.0)
+        lt = teacher_s.log_prob(x)
+        lr = noised(mu_, torch.exp(log_s_)).log_prob(x) - lt
+        return (w * torch.exp(lt) * bregman_divergence(lr, name, star_s.log_prob(x) - lt)).sum()
+
+    mu_t, log_s = _f64(mu).requires_grad_(True), _f64(math.log(s)).requires_grad_(True)
+    want = torch.autograd.grad(objective(mu_t, log_s), (mu_t, log_s))
+    xi, wx = _gl(-20.0, 20.0)
+    wx = wx * Normal(_f64(0.0), 1.0).log_prob(xi).exp()
+    x = (k * mu_t + torch.sqrt(k**2 * torch.exp(2 * log_s) + sigma**2) * xi)[:, None]
+    with torch.no_grad():
+        xd, fake = x[:, 0], noised(_f64(mu), _f64(s))
+
+        def score(dist):
+            return (-(xd - dist.mean) / dist.variance)[:, None]
+
+        log_r = fake.log_prob(xd) - teacher_s.log_prob(xd)
+        log_rs = star_s.log_prob(xd) - teacher_s.log_prob(xd)
+        grad_rs = score(star_s) - score(teacher_s)
+    ell = reward_bregman_generator_surrogate(x, score(fake), score(teacher_s), log_r, log_rs, grad_rs, name)
+    got = torch.autograd.grad((wx * ell).sum(), (mu_t, log_s))
+    for g_, w_ in zip(got, want):
+        assert abs(float(g_) - float(w_)) < 1e-8 * max(1.0, abs(float(w_))), (name, float(g_), float(w_))

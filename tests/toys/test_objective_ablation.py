@@ -1,0 +1,34 @@
+"""The distillation-objective ablation experiment (toys.experiments.objective_ablation) on reduced sizes:
+the toy trainer accepts every ablation objective, the run returns the reproduce contract, and the
+training-level identity bregman_kl == opd_kl holds to rounding (its check); the other checks run."""
+
+import pytest
+
+from opd_ref.engine import OBJECTIVES
+from toys.experiments import objective_ablation as exp
+from toys.reproduce import REGISTRY
+from toys.train import ABLATION_METHODS, TrainConfig
+
+
+def test_toy_trainer_accepts_the_ablation_objectives():
+    assert set(ABLATION_METHODS) <= set(OBJECTIVES)
+    assert set(exp.OBJECTIVES) == set(ABLATION_METHODS) | {"opd_kl"}
+    for m in ABLATION_METHODS:
+        assert TrainConfig(method=m).method == m
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="bregman_hellinger")
+    assert REGISTRY["objective_ablation"] == "toys.experiments.objective_ablation"
+
+
+@pytest.mark.slow
+def test_reduced_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(exp, "QUICK", dict(tasks=[0], max_seeds=1, single_updates=4, eval_every=2, batch_size=16,
+                                           multi_updates=2, n_evals=1, n_eval=100))
+    out = exp.run(tmp_path, quick=True, seeds=(0,))
+    assert set(out) == {"checks", "figures", "tables", "metrics"}
+    assert (tmp_path / "objective_ablation.png").is_file()
+    identity = out["checks"][0]
+    assert identity["name"].startswith("D16: bregman_kl") and identity["passed"], identity
+    assert len(out["checks"]) == 5
+    table = next(iter(out["tables"].values()))
+    assert all(f"`{m}`" in table for m in exp.OBJECTIVES)

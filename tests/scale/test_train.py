@@ -21,6 +21,20 @@ from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
 )
 
 
+def _step_velocities(trainer, cfg, rec):
+    """The stored transition of a step-hook record, its sigmas, and the student's and the task teacher's
+    velocities there, evaluated anew (no gradient)."""
+    s = trainer.setup
+    t = rec["transition"]
+    embeds = s.cache.encode(rec["batch"].meta)
+    b = t.x.shape[0]
+    sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
+    with torch.no_grad():
+        v_s = predict_velocity(s.transformer, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
+        v_t = predict_velocity(s.transformer, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+    return t, sigma, sigma_next, v_s, v_t
+
+
 @pytest.mark.parametrize("loss,kernel", [("opd_kl", "sde"), ("ppo_opd", "sde"), ("opd_ode", "ode")])
 def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_path, loss, kernel):
     """The per-sample loss at every trained step of a run equals opd_ref's public loss recomputed here
@@ -35,13 +49,7 @@ def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_pat
 
     def hook(rec):
         nonlocal checked
-        t = rec["transition"]
-        embeds = s.cache.encode(rec["batch"].meta)
-        b = t.x.shape[0]
-        sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
-        with torch.no_grad():
-            v_s = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
-            v_t = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+        t, sigma, sigma_next, v_s, v_t = _step_velocities(trainer, cfg, rec)
         if loss == "opd_ode":
             expected = ode_matching_loss(ode_step(t.x, v_s, sigma, sigma_next), ode_step(t.x, v_t, sigma, sigma_next))
         else:
@@ -251,13 +259,7 @@ def test_one_tiny_update_with_an_ablation_loss(workspace, tmp_path, loss):
     checked = []
 
     def hook(rec):
-        t = rec["transition"]
-        embeds = s.cache.encode(rec["batch"].meta)
-        b = t.x.shape[0]
-        sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
-        with torch.no_grad():
-            v_s = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
-            v_t = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+        t, sigma, sigma_next, v_s, v_t = _step_velocities(trainer, cfg, rec)
         expected = _ablation_expected(loss, t.x, v_s, v_t, t.noise, sigma, sigma_next, cfg.noise_level)
         scale = float(expected.abs().max()) + 1e-6
         assert torch.allclose(rec["loss"].double(), expected, rtol=1e-3, atol=1e-4 * scale), (t.index, rec["loss"], expected)

@@ -49,6 +49,7 @@ REGISTRY: Dict[str, str] = {
     "divergence_family": "toys.experiments.divergence_family",
     "dimo": "toys.experiments.dimo",
     "objective_ablation": "toys.experiments.objective_ablation",
+    "reward_dmd": "toys.experiments.reward_dmd",
 }
 
 

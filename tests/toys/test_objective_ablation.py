@@ -32,3 +32,18 @@ def test_reduced_run(tmp_path, monkeypatch):
     assert len(out["checks"]) == 5
     table = next(iter(out["tables"].values()))
     assert all(f"`{m}`" in table for m in exp.OBJECTIVES)
+
+
+@pytest.mark.slow
+def test_reward_dmd_experiment_checks_pass(tmp_path):
+    """The D16 estimator experiment: both CLT checks (means vs closed forms) pass at the fixed seed, and
+    pure REINFORCE's variance for the last step's shift exceeds the hybrid's at every last-step std."""
+    from toys.experiments import reward_dmd
+
+    assert REGISTRY["reward_dmd"] == "toys.experiments.reward_dmd"
+    out = reward_dmd.run(tmp_path, quick=True, seeds=(0,))
+    assert [c["passed"] for c in out["checks"]] == [True, True], out["checks"]
+    hybrid = next(m["hybrid_variance_b_last"] for m in out["metrics"] if "hybrid_variance_b_last" in m)
+    reinforce = [m["reinforce_variance_b_last"] for m in out["metrics"] if "reinforce_variance_b_last" in m]
+    assert len(reinforce) == 4 and min(reinforce) > 2 * hybrid
+    assert (tmp_path / "reward_dmd.png").is_file()

@@ -51,8 +51,8 @@ FACTOR = {
 #: sizes of quick and full mode (tests shrink QUICK)
 QUICK = dict(tasks=[0], max_seeds=1, single_updates=20, eval_every=5, batch_size=32,
              multi_updates=4, n_evals=1, n_eval=200)
-FULL = dict(tasks=[0, 1, 2], max_seeds=3, single_updates=150, eval_every=15, batch_size=64,
-            multi_updates=80, n_evals=4, n_eval=1000)
+FULL = dict(tasks=[0, 1, 2], max_seeds=2, single_updates=100, eval_every=10, batch_size=64,
+            multi_updates=50, n_evals=5, n_eval=600)
 NOISE_LEVEL = 0.5
 
 

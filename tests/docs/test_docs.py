@@ -46,6 +46,7 @@ CITATION_KEYS = (
     "rtdmd",
     "nft",
     "tm-opd",
+    "rdm",
 )
 # A key counts when it appears as a word of its own, e.g. ``flowgrpo`` or (flowgrpo); "dmd" inside
 # "rtdmd" or "vopd" inside "ppo_vopd_x" does not.

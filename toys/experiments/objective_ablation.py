@@ -110,6 +110,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     for ax in axes:
         ax.set_xlabel("student forward passes (samples × steps)", fontsize=8)
         ax.set_yscale("log")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     handles, labels = axes[0].get_legend_handles_labels()
     legend_ax.axis("off")  # the legend in its own panel: it covers no curve
     legend_ax.legend(handles, labels, loc="center left", fontsize=7, frameon=False)

@@ -22,8 +22,8 @@ def test_toy_trainer_accepts_the_ablation_objectives():
 
 @pytest.mark.slow
 def test_reduced_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(exp, "QUICK", dict(tasks=[0], max_seeds=1, single_updates=4, eval_every=2, batch_size=16,
-                                           multi_updates=2, n_evals=1, n_eval=100))
+    monkeypatch.setattr(exp, "QUICK", dict(tasks=[0], max_seeds=1, single_updates=2, eval_every=1, batch_size=16,
+                                           multi_updates=1, n_evals=1, n_eval=50))
     out = exp.run(tmp_path, quick=True, seeds=(0,))
     assert set(out) == {"checks", "figures", "tables", "metrics"}
     assert (tmp_path / "objective_ablation.png").is_file()

@@ -50,6 +50,8 @@ REGISTRY: Dict[str, str] = {
     "dimo": "toys.experiments.dimo",
     "learned_ratio": "toys.experiments.learned_ratio",
     "reward_bregman": "toys.experiments.reward_bregman",
+    "objective_ablation": "toys.experiments.objective_ablation",
+    "reward_dmd": "toys.experiments.reward_dmd",
 }
 
 

@@ -55,6 +55,8 @@ from toys.policy import STUDENT, ToyPolicy, teacher_name
 
 __all__ = [
     "METHODS",
+    "ABLATION_METHODS",
+    "TRAIN_METHODS",
     "TrainConfig",
     "Trainer",
     "task_schedule",
@@ -62,6 +64,10 @@ __all__ = [
 
 #: the engine's method names that the toys train with (CRD has its own experiment)
 METHODS = ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo")
+#: the distillation-objective ablation (D16; ``toys.experiments.objective_ablation``), also accepted
+ABLATION_METHODS = ("fwd_kl", "dmd", "bregman_kl", "bregman_reverse_kl", "bregman_pearson_chi2",
+                    "bregman_jensen_shannon")
+TRAIN_METHODS = METHODS + ABLATION_METHODS
 SCHEDULES = ("round_robin", "cascade")
 
 Reward = Callable[[Tensor], Tensor]
@@ -72,7 +78,7 @@ class TrainConfig:
     """Hyper-parameters of one training run.
 
     Attributes:
-        method: one of :data:`METHODS`.
+        method: one of :data:`METHODS` or :data:`ABLATION_METHODS`.
         n_steps: sampler steps ``N`` on the uniform sigma grid 1 -> 0.
         noise_level: SDE noise level ``a`` (ignored by ``opd_ode``).
         batch_size: rollouts per task per update.
@@ -95,8 +101,8 @@ class TrainConfig:
     inner_updates: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in TRAIN_METHODS:
+            raise ValueError(f"method must be one of {TRAIN_METHODS}, got {self.method!r}")
         for name in ("n_steps", "batch_size", "group_size", "inner_updates"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:

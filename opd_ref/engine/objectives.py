@@ -25,9 +25,19 @@ name           per-step loss :math:`\ell` (gradient = the estimator)
 ``vopd``       k1 minus its closed-form value :math:`\mathrm{KL}`                    ``vopd``
 ``grpo``       clipped PPO on group advantages + :math:`\beta`-KL to the reference   ``flowgrpo``
 ``crd``        the step's log-ratio to the reference (the CRD update sums and centres it)  ``crd``
+``fwd_kl``     forward KL: :math:`-\log\pi_\theta(x'_T)` at the teacher's draw
+               :math:`x'_T = \mu_T + s\varepsilon` (mean :math:`\mathrm{KL}`, gradient unbiased)  ``diffusionopd``
+``dmd``        DMD at the visited state: :math:`\langle\mathrm{sg}[s_\theta - s_T](x), \hat x_{0,\theta}\rangle`  ``dmd``
+``bregman_H``  Di-Bregman on the kernel ratio :math:`r = \pi_\theta/\pi_T` at the draw, weight
+               :math:`h''(r)r` (``H`` in ``kl``, ``reverse_kl``, ``pearson_chi2``, ``jensen_shannon``)  ``dibregman``
 =============  ==================================================================================
 
-Reference: ``diffusionopd``, ``flowgrpo``, ``tm-opd``, ``vopd``, ``crd``.
+The last three rows are the distillation-objective ablation (derivation D16, docs page
+``d16-reward-dmd``): each one's expected gradient at a visited state is a positive multiple of the
+closed-form KL's gradient (same-covariance kernels), so they differ only in per-step/per-sample
+weights and in Monte-Carlo noise.
+
+Reference: ``diffusionopd``, ``flowgrpo``, ``tm-opd``, ``vopd``, ``crd``, ``dmd``, ``dibregman``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
+from opd_ref.bregman import H_FAMILY, bregman_generator_surrogate
+from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.engine.kernel import StepCoefficients
 from opd_ref.losses import clipped_surrogate
 
@@ -293,6 +305,45 @@ def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
 def _crd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
     lr = i.log_ratio_target()
     return StepLoss(lr, {"log_ratio": lr.detach()})
+
+
+# ------------------------------------------------------------------------------------ ablation (D16)
+@register("fwd_kl", "distill", ("sde", "cps"), "forward KL: -log pi_theta at the teacher's draw mu_T + s eps (ML)")
+def _fwd_kl(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    # -log pi_theta(x'_T) - D/2 log(2 pi e s^2), x'_T = mu_T + s eps: (|Delta|^2 - 2 s eps.Delta) / (2 s^2);
+    # its mean over eps is KL(pi_T || pi_theta) = KL(pi_theta || pi_T) (same covariance)
+    d = i.gap()
+    loss = _sum_event(d * (d - 2.0 * i.s * i.noise)) / (2.0 * i.s**2)
+    return StepLoss(loss, {"kl": i.kl().detach()})
+
+
+@register("dmd", "distill", ("sde", "cps"), "DMD score difference at the visited state, pushed through x0_hat = x - sigma v")
+def _dmd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    # scores -(x + (1 - sigma) v) / sigma at the visited state, less their common term -x / sigma (it
+    # cancels in s_theta - s_T); the generator output is x0_hat = x - sigma v, less the detached x
+    sigma = i.coef.sigma
+    c = (1.0 - sigma) / sigma
+    loss = distribution_matching_surrogate(-sigma * i.v, -c * i.v.detach(), -c * i.v_target)
+    return StepLoss(loss, {"kl": i.kl().detach()})
+
+
+def _bregman_objective(h_name: str) -> Callable[[ObjectiveSpec, StepInputs], StepLoss]:
+    h = H_FAMILY[h_name]
+
+    def fn(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+        # the reparametrised draw x'_theta = mu_theta + s eps is the stored draw plus Delta_old; the
+        # kernel scores at it differ by grad log r = Delta / s^2 (both scores less -(x' - mu_theta) / s^2)
+        lr = i.log_ratio_target().detach()
+        loss = bregman_generator_surrogate(i.gap_old(), i.gap().detach() / i.s**2, torch.zeros_like(i.v), lr, h)
+        return StepLoss(loss, {"kl": i.kl().detach(), "log_ratio": lr})
+
+    fn.__doc__ = f"Di-Bregman {h_name}: weight h''(r) r at the draw times the pathwise KL gradient."
+    return fn
+
+
+for _h_name in H_FAMILY:
+    register(f"bregman_{_h_name}", "distill", ("sde", "cps"),
+             f"Di-Bregman h={_h_name} on the step's kernel ratio pi_theta/pi_T at the draw")(_bregman_objective(_h_name))
 
 
 METHODS = tuple(OBJECTIVES)

@@ -47,6 +47,7 @@ CITATION_KEYS = (
     "nft",
     "tm-opd",
     "diffusiongan",
+    "rdm",
 )
 # A key counts when it appears as a word of its own, e.g. ``flowgrpo`` or (flowgrpo); "dmd" inside
 # "rtdmd" or "vopd" inside "ppo_vopd_x" does not.

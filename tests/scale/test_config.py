@@ -133,7 +133,8 @@ def test_loss_names_are_the_engine_methods():
 
     from scale.config import LOSSES
 
-    assert set(LOSSES) == {"opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "crd"}
+    assert set(LOSSES) == {"opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "crd", "fwd_kl", "dmd", "bregman_kl",
+                           "bregman_reverse_kl", "bregman_pearson_chi2", "bregman_jensen_shannon"}
     for loss in LOSSES:
         for kernel in ("sde", "cps", "ode"):
             cfg = ScaleConfig(loss=loss, kernel=kernel, noise_level=0.5)

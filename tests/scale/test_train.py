@@ -21,6 +21,20 @@ from tests.scale.train_helpers import (  # noqa: F401  (fixtures)
 )
 
 
+def _step_velocities(trainer, cfg, rec):
+    """The stored transition of a step-hook record, its sigmas, and the student's and the task teacher's
+    velocities there, evaluated anew (no gradient)."""
+    s = trainer.setup
+    t = rec["transition"]
+    embeds = s.cache.encode(rec["batch"].meta)
+    b = t.x.shape[0]
+    sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
+    with torch.no_grad():
+        v_s = predict_velocity(s.transformer, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
+        v_t = predict_velocity(s.transformer, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+    return t, sigma, sigma_next, v_s, v_t
+
+
 @pytest.mark.parametrize("loss,kernel", [("opd_kl", "sde"), ("ppo_opd", "sde"), ("opd_ode", "ode")])
 def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_path, loss, kernel):
     """The per-sample loss at every trained step of a run equals opd_ref's public loss recomputed here
@@ -35,13 +49,7 @@ def test_per_step_loss_is_opd_ref_loss_of_the_same_velocities(workspace, tmp_pat
 
     def hook(rec):
         nonlocal checked
-        t = rec["transition"]
-        embeds = s.cache.encode(rec["batch"].meta)
-        b = t.x.shape[0]
-        sigma, sigma_next = s.sigmas[t.index].expand(b), s.sigmas[t.index + 1].expand(b)
-        with torch.no_grad():
-            v_s = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, STUDENT)
-            v_t = predict_velocity(tr, t.x, sigma, embeds, cfg.guidance_scale, f"teacher_{rec['task']}")
+        t, sigma, sigma_next, v_s, v_t = _step_velocities(trainer, cfg, rec)
         if loss == "opd_ode":
             expected = ode_matching_loss(ode_step(t.x, v_s, sigma, sigma_next), ode_step(t.x, v_t, sigma, sigma_next))
         else:
@@ -222,3 +230,43 @@ def test_cps_stage2_trains_the_stochastic_steps_only(workspace, tmp_path):
     values = [v for r in records for k, v in r.items() if k.startswith(("div/", "heldout_kl/"))]
     assert len(values) >= 2 + 3 * 2  # per-task divergences of the update, held-out KL before and after
     assert all(math.isfinite(v) and v >= 0 for v in values)
+
+
+# ---- D16: the distillation-objective ablation's losses
+def _ablation_expected(loss, x, v_s, v_t, noise, sigma, sigma_next, a):
+    step_s = sde_step(x, v_s, sigma, sigma_next, a, sigma_one="flowgrpo")
+    step_t = sde_step(x, v_t, sigma, sigma_next, a, sigma_one="flowgrpo")
+    s = step_s.std
+    delta = (step_s.mean - step_t.mean).double()
+    if loss == "fwd_kl":  # -log pi_s at mu_t + s eps, less the entropy constant
+        return ((delta**2 - 2.0 * s.double() * noise.double() * delta).flatten(1).sum(1) / (2.0 * s.double().flatten(1)[:, 0] ** 2))
+    # dmd: <s_s - s_t, x0_hat_s> less its x-part: (1 - sigma) <v_s - v_t, v_s>
+    sg = sigma.double()
+    return (1.0 - sg) * ((v_s - v_t).double() * v_s.double()).flatten(1).sum(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["fwd_kl", "dmd"])
+def test_one_tiny_update_with_an_ablation_loss(workspace, tmp_path, loss):
+    """D16 at scale: one stage-2 run with ``fwd_kl`` / ``dmd``; the per-sample loss at every trained step
+    equals the loss written anew from independently evaluated velocities; the student LoRA changes."""
+    cfg = tiny_config(workspace, tmp_path / "run", loss=loss, kernel="sde", distill_steps=1, batch_size=1,
+                      micro_batch_size=1)
+    trainer = Trainer(cfg)
+    s = trainer.setup
+    tr = s.transformer
+    before = {n: p.detach().clone() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
+    checked = []
+
+    def hook(rec):
+        t, sigma, sigma_next, v_s, v_t = _step_velocities(trainer, cfg, rec)
+        expected = _ablation_expected(loss, t.x, v_s, v_t, t.noise, sigma, sigma_next, cfg.noise_level)
+        scale = float(expected.abs().max()) + 1e-6
+        assert torch.allclose(rec["loss"].double(), expected, rtol=1e-3, atol=1e-4 * scale), (t.index, rec["loss"], expected)
+        checked.append(t.index)
+
+    trainer.step_hook = hook
+    trainer.run()
+    assert len(checked) == 2 * 3  # 2 tasks x 1 micro-batch x 3 trained steps
+    after = {n: p.detach() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -84,9 +84,11 @@ def train_rl_teachers(setting, seeds: Sequence[int], n_updates: int, batch_size:
 
 
 def train_multitask(method: str, setting, seeds: Sequence[int], *, n_updates: int, n_evals: int, batch_size: int,
-                    noise_level: float, lr: float, n_eval: int, rl_teacher_updates: int = 0) -> List[dict]:
+                    noise_level: float, lr: float, n_eval: int, rl_teacher_updates: int = 0,
+                    objective: str = "opd_kl") -> List[dict]:
     """Train one task-conditioned student per seed with ``method`` (seeds stacked in one engine rollout)
-    and log per-task KL at checkpoints; returns one log per seed (``seconds`` amortised over the seeds)."""
+    and log per-task KL at checkpoints; returns one log per seed (``seconds`` amortised over the seeds).
+    ``objective``: the per-step distillation objective of the OPD methods (the engine's name)."""
     K, S = setting.n_tasks, len(seeds)
     student = stacked_students(setting, seeds, K)
     base_fp, base_s = 0, 0.0
@@ -96,7 +98,7 @@ def train_multitask(method: str, setting, seeds: Sequence[int], *, n_updates: in
     else:
         teachers = list(setting.targets)
     rl = method in ("joint", "cascade")
-    cfg = TrainConfig(method="grpo" if rl else "opd_kl", noise_level=noise_level, batch_size=batch_size, lr=lr,
+    cfg = TrainConfig(method="grpo" if rl else objective, noise_level=noise_level, batch_size=batch_size, lr=lr,
                       inner_updates=2 if rl else 1, kl_coef=GRPO_KL_COEF if rl else None)
     tr = Trainer(student, [] if rl else teachers, cfg, reference=setting.p_ref,
                  rewards=setting.rewards, betas=setting.betas, seed=seeds[0])

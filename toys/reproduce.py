@@ -30,7 +30,6 @@ import traceback
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 __all__ = ["REGISTRY", "OUTPUTS", "MARKER", "run_experiment", "reproduce", "write_report"]
 
@@ -167,6 +166,9 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
     Raises:
         ValueError: unknown experiment, no seeds, ``out`` a file, or ``out`` not empty without ``overwrite``.
     """
+    import matplotlib  # noqa: F401 - the toys extra, checked before OUT is touched (the CLI names the extra)
+    from tqdm.auto import tqdm
+
     names = check_names(only) if only else list(REGISTRY)
     if seeds is None:
         seeds = (0, 1, 2, 3, 4) if full else (0, 1, 2)

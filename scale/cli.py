@@ -279,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from scale.checkpoint import RunBusyError
+    from scale.logs import configure_output
+
+    configure_output()  # library notes once, no nested bars in redirected logs (scale/logs.py)
 
     try:
         if args.command == "build-tiny":

@@ -425,5 +425,18 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         f"teacher-initialised start: KL {init_kl_fm:.3f} fully masked, {init_kl:.3f} hybrid)": "\n".join(rows_t),
         f"D19 noise-free Di[M]O (exact expected update, exact psi, {cfg['noise_free_steps']} Adam steps)": "\n".join(rows_nf),
     }
+    reading = (
+        f"Masked-diffusion Di[M]O on an exact toy. With a fully masked initial state the one-step generator is a "
+        f"product of token distributions: its expected update is the exact gradient of the frozen-state objective "
+        f"(1 - cosine at most {cos_gap:.1e}) and the KL to the data stays at {fm_gap + floor:.3f} nats or more, "
+        f"above the best product's {floor:.3f}: no mode collapses (smallest mode mass ratio {fm_keep:.2f}) but "
+        f"{fm_off:.2f} of the mass falls off the modes and the entropy exceeds the data's by "
+        f"{fm_entropy:.2f} nats, diffuse rather than collapsed. A hybrid of random and mask tokens breaks the product "
+        f"structure (cosine to the frozen-state gradient at most {hyb_cos0:.2f} at the start) and reaches a final "
+        f"KL of {hyb_exact:.3f} nats with the exact posterior psi and {hyb_learned:.3f} with the learned psi, every "
+        f"mode within {hyb_cov:.3f} of the data's mass.")
     return {"checks": checks, "figures": figures, "tables": tables,
-            "metrics": metrics + [{"figure": "dimo", "product_family_floor": floor}]}
+            "metrics": metrics + [{"figure": "dimo", "product_family_floor": floor}], "seeds": seeds,
+            "reading": reading,
+            "links": [("claims row 15", "claims.md#claim-15"), ("claims row 16", "claims.md#claim-16"),
+                      ("claims row 17", "claims.md#claim-17"), ("D19", "derivations/d19-dimo.md")]}

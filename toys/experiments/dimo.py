@@ -282,7 +282,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         return [curves[(init, psi_mode)][s][-1][key] for s in seeds]
 
     # ------------------------------------------------------------------ figure
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 5.2))
     ax = axes[0]
     for (init, psi_mode), by_seed in curves.items():
         steps = [r["step"] for r in by_seed[seeds[0]]]
@@ -298,7 +298,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_xlabel("generator step")
     ax.set_ylabel(r"exact KL($p_\theta\,\|\,p_{data}$) [nats]")
     ax.set_title(f"Di[M]O, beta={BETA}, batch {cfg['batch']}, mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)  # below: inside it covered curves
 
     ax = axes[1]
     regions = [f"mode {k}" for k in range(V)] + ["no mode"]
@@ -333,7 +333,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_ylabel("probability mass of the region")
     ax.set_title(f"fully masked prior, seed {s0}: learned $\\psi$ (solid), exact $\\psi$ (dashed),\n"
                  "data (dotted)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
 
     ax = axes[3]
     ax2 = ax.twinx()
@@ -350,7 +350,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax2.set_ylim(-1.05, 1.05)
     ax.set_title("noise-free Di[M]O: KL (lines, left axis) and the cosine of the update\n"
                  "with the exact frozen-state gradient (dots, right axis)", fontsize=9)
-    ax.legend(fontsize=7, loc="center left")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
     fig.suptitle("D19 Di[M]O: one-step distillation of an exact masked diffusion model (V=4, L=3, 64 sequences)",
                  fontsize=10)
     figures = [save(fig, out_dir, "dimo.png")]

@@ -5,6 +5,7 @@ Examples::
     opd-scale build-tiny /tmp/tiny
     opd-scale train --config run.json --set distill_steps=200 --learning-rate 1e-4
     opd-scale train --resume --output-dir runs/opd          # continue from the run's checkpoint
+    opd-scale sample --run runs/opd --prompts p.txt --out grid.png   # the run's model, student and settings
     opd-scale sample --model /tmp/tiny --lora runs/opd/student --prompts p.txt --out grid.png
     opd-scale bench --model /tmp/tiny --out bench.json
 
@@ -17,7 +18,7 @@ given); unlike plain ``torchrun``, whose agent prints a traceback and exits 1 on
 with the signal's code (143, 130) after the workers have checkpointed, or with a worker's own exit code.
 
 Exit codes: 0 finished; 2 bad input (config, files, a run directory in use or not resumable, no
-valid checkpoint); 3 the run diverged (non-finite loss / gradient, or the held-out KL guard); 4 the
+valid checkpoint, a missing optional dependency: the message names the extra to install); 3 the run diverged (non-finite loss / gradient, or the held-out KL guard); 4 the
 run directory could not be written (disk full, permissions: the last checkpoint is intact); 130
 Ctrl-C and 143 SIGTERM (a checkpoint was written: continue with ``--resume``).
 
@@ -34,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "RUN_FLAGS", "add_run_flags", "resolve_run_flags"]
 
 EXIT_BAD_INPUT = 2  # bad config, files or run directory; nothing was trained
 EXIT_DIVERGED = 3  # non-finite loss / gradient / velocity or the held-out KL guard; the last good checkpoint stays
@@ -82,19 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{doc} (default: {default!r})".replace("%", "%%"))
 
     p = sub.add_parser("sample", allow_abbrev=False, help="a grid of images from the base model, a teacher or the student LoRA")
-    p.add_argument("--model", required=True, help="pipeline directory or cached hub id")
-    p.add_argument("--lora", default=None, help="diffusers LoRA file/dir (teacher or student); none = base")
+    add_run_flags(p)
+    p.add_argument("--lora", default=None, help="diffusers LoRA file/dir (teacher or student); none = base "
+                                                "(with --run: RUN/student unless given; --lora '' = base)")
     p.add_argument("--prompts", default=None, help="prompt file (one per line)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--out", required=True, help="PNG path of the grid")
-    p.add_argument("--num-steps", type=int, default=40, help="sampling steps (SD3.5 default 40)")
-    p.add_argument("--guidance-scale", type=float, default=4.5)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--kernel", default="ode", choices=list(KERNEL_KINDS))
     p.add_argument("--noise-level", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-sequence-length", type=int, default=256)
 
     p = sub.add_parser("bench", allow_abbrev=False, help="overhead, memory and cost-per-update ratios (scale.bench)")
     p.add_argument("--model", default=None, help="pipeline directory (default: build a tiny one in a temp dir)")
@@ -104,6 +101,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return parser
+
+
+#: flags of ``sample`` (and of any subcommand built with :func:`add_run_flags`) that ``--run RUN`` takes
+#: from ``RUN/config.json``: flag dest -> (ScaleConfig field, type, default without a run, help).  Precedence:
+#: the command line, then the run's value, then the default.  Steps default to the run's ``num_steps``
+#: (what its own ``samples/*.png`` used); without a run, 40 and 256 T5 tokens (diffusers' SD3 defaults).
+RUN_FLAGS = {
+    "model": ("model", str, None, "pipeline directory or cached hub id (required unless --run)"),
+    "num_steps": ("num_steps", int, 40, "sampling steps"),
+    "guidance_scale": ("guidance_scale", float, 4.5, "classifier-free guidance (SD3.5-Medium's recommended 4.5)"),
+    "resolution": ("resolution", int, 512, "image side in pixels"),
+    "max_sequence_length": ("max_sequence_length", int, 256, "T5 tokens per prompt"),
+    "dtype": ("dtype", str, "auto", "weights dtype (auto = bfloat16 on CUDA, float32 on CPU)"),
+}
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Add ``--run RUN`` and the :data:`RUN_FLAGS` to a subcommand; :func:`resolve_run_flags` fills them."""
+    from scale.config import DTYPES
+
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="a training run directory: its config.json supplies " + ", ".join(
+                       "--" + k.replace("_", "-") for k in RUN_FLAGS) + " unless given here")
+    for dest, (_, typ, default, text) in RUN_FLAGS.items():
+        extra = {"choices": list(DTYPES)} if dest == "dtype" else {}
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=typ, default=None,
+                       help=f"{text} (default: the run's, else {default!r})", **extra)
+
+
+def resolve_run_flags(args: argparse.Namespace) -> Optional[dict]:
+    """Fill the :data:`RUN_FLAGS` of ``args`` in place: command line, else ``args.run``'s config.json,
+    else the default.  Returns the run's config dict (``None`` without ``--run``).
+
+    Raises:
+        FileNotFoundError: ``--run`` has no config.json.  ValueError: no ``--model`` and no ``--run``.
+    """
+    run_cfg = None
+    if args.run is not None:
+        path = Path(args.run) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--run {args.run!r}: {str(path)!r} does not exist (not a run directory)")
+        run_cfg = json.loads(path.read_text())
+    for dest, (key, _, default, _) in RUN_FLAGS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, run_cfg[key] if run_cfg is not None and key in run_cfg else default)
+    if not args.model:
+        raise ValueError(f"{args.command}: give --model PIPELINE or --run RUN")
+    return run_cfg
 
 
 def _train_config(args: argparse.Namespace):
@@ -150,6 +195,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from scale.setup import read_prompts
     from scale.text import PromptCache
 
+    resolve_run_flags(args)
+    if args.run is not None and args.lora is None and (Path(args.run) / "student").is_dir():
+        args.lora = str(Path(args.run) / "student")
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompts(args.prompts, "sample")
@@ -215,6 +263,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     old_format, warnings.formatwarning = warnings.formatwarning, _warning
     try:
         return _run(args)
+    except (ImportError, RuntimeError) as err:  # re-raised unless an optional dependency is missing
+        from opd_ref._extras import report_missing_extra
+
+        if not report_missing_extra(err, "scale", "opd-scale"):
+            raise
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("opd-scale: interrupted (Ctrl-C) before a checkpoint could be written; the last committed "
               "checkpoint (if any) is intact: continue with --resume", file=sys.stderr)
@@ -225,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from scale.checkpoint import RunBusyError
+    from scale.logs import configure_output
+
+    configure_output()  # library notes once, no nested bars in redirected logs (scale/logs.py)
 
     try:
         if args.command == "build-tiny":

@@ -161,7 +161,9 @@ class PromptCache:
         if len(starts) > 1:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encoding prompts", unit="batch")
+            # disable=None: no bar when stderr is not a terminal (it would nest inside the training bar
+            # and leave cursor-up codes in a redirected log)
+            starts = tqdm(starts, desc="encoding prompts", unit="batch", leave=False, disable=None)
         for start in starts:
             chunk = new[start : start + self.batch_size]
             embeds, pooled = self._encode(chunk)

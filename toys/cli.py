@@ -6,7 +6,8 @@
 
 Bad input (unknown experiment, non-integer or negative seeds, an ``--out`` that is a file or a
 non-empty directory without ``--overwrite``, an abbreviated flag) prints a clear message on stderr
-and exits with status 2; Ctrl-C exits 130 and leaves ``OUT/INCOMPLETE`` (no report.md).
+and exits with status 2, as does a missing optional dependency (the message names the extra to
+install: ``pip install -e '.[toys]'``); Ctrl-C exits 130 and leaves ``OUT/INCOMPLETE`` (no report.md).
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def _out_dir(parser: argparse.ArgumentParser, text: str) -> pathlib.Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``opd-toys``; a missing optional dependency prints the extra to install and exits 2."""
+    try:
+        return _main(argv)
+    except (ImportError, RuntimeError) as err:  # re-raised unless an optional dependency is missing
+        from opd_ref._extras import report_missing_extra
+
+        if not report_missing_extra(err, "toys", "opd-toys"):
+            raise
+        return 2
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("reproduce", "run"):

@@ -31,11 +31,12 @@ LABELS: Dict[str, str] = {
 }
 
 
-def save(fig, out_dir: pathlib.Path, name: str) -> str:
-    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi), close it, return the file name."""
+def save(fig, out_dir: pathlib.Path, name: str, rect=None) -> str:
+    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi), close it, return the file name.  ``rect``: the
+    ``(left, bottom, right, top)`` figure fraction the panels are laid out in (room for a figure legend)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
     return name

@@ -15,6 +15,17 @@ first, so an interrupted rerun never sits beside an old report).
 Experiment interface (agreed contract): ``toys.experiments.<name>.run(out_dir, quick, seeds) -> dict``
 with keys ``checks``, ``figures``, ``tables``, ``metrics``.  An experiment whose module is not
 importable yet is recorded as "not available" instead of failing the run.
+
+Optional keys, shown by :func:`write_report` (a new experiment adds them to its returned dict):
+
+* ``reading``: a short paragraph in words of what the experiment shows, written from the run's own
+  measured numbers (an f-string over its results, never a fixed verdict).  Plain Markdown: no
+  ``$...$`` math (common viewers do not render it), no ``|`` outside tables.
+* ``links``: ``[(label, target), ...]`` with ``target`` relative to the repository's ``docs/`` folder,
+  e.g. ``("claims row 5", "claims.md#claim-5")`` (claims rows carry ``claim-N`` anchors) and
+  ``("D6", "derivations/d6-estimator-variance.md")``; written as links relative to ``OUT``.
+* ``seeds``: the seeds the experiment actually used when it uses fewer than the run's (quick mode caps
+  some experiments, others use the first seed only); shown in the experiments table.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import pathlib
 import platform
 import shutil
@@ -30,7 +42,6 @@ import traceback
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 __all__ = ["REGISTRY", "OUTPUTS", "MARKER", "run_experiment", "reproduce", "write_report"]
 
@@ -38,6 +49,9 @@ __all__ = ["REGISTRY", "OUTPUTS", "MARKER", "run_experiment", "reproduce", "writ
 MARKER = "INCOMPLETE"
 #: what a run writes into OUT (removed by ``overwrite=True``)
 OUTPUTS = ("config.json", "metrics.jsonl", "figures", "report.md", MARKER)
+
+#: the repository's documentation folder (targets of the experiments' ``links``)
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
 #: experiment name -> module path (imported lazily)
 REGISTRY: Dict[str, str] = {
@@ -107,17 +121,31 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _doc_link(out: pathlib.Path, target: str) -> str:
+    """``target`` (relative to :data:`DOCS`, optional ``#anchor``) as a path relative to ``out``."""
+    path, _, anchor = target.partition("#")
+    rel = pathlib.Path(os.path.relpath(DOCS / path, out.resolve())).as_posix()
+    return rel + (f"#{anchor}" if anchor else "")
+
+
 def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> str:
-    """Write ``report.md`` and return its text."""
+    """Write ``report.md`` and return its text: experiments (with the seeds each used), derivation
+    checks, then per experiment its reading, links and tables (optional keys: module docstring)."""
+    out = pathlib.Path(out)
     n_checks = sum(len(r["checks"]) for r in results.values())
     n_pass = sum(bool(c["passed"]) for r in results.values() for c in r["checks"])
+    seeds = list(config["seeds"])
+    fewer = [n for n, r in results.items() if r.get("seeds") is not None and list(r["seeds"]) != seeds]
+    note = (f" {', '.join(fewer)} used fewer seeds (column 'seeds': quick mode caps them to stay cheap, or the "
+            "experiment uses the first seed only)." if fewer else "")
     lines = ["# opd-toys reproduce report", "",
-             f"Mode: {'full' if config['full'] else 'quick'}; seeds {config['seeds']}; "
-             f"total {config.get('seconds', 0):.1f} s. Derivation checks passed: **{n_pass}/{n_checks}**.", "",
-             "## Experiments", "", "| experiment | status | seconds | figures |", "|---|---|---|---|"]
+             f"Mode: {'full' if config['full'] else 'quick'}; seeds {seeds}; "
+             f"total {config.get('seconds', 0):.1f} s. Derivation checks passed: **{n_pass}/{n_checks}**.{note}",
+             "", "## Experiments", "", "| experiment | status | seeds | seconds | figures |", "|---|---|---|---|---|"]
     for name, r in results.items():
         figs = ", ".join(f"[{f}](figures/{f})" for f in r["figures"]) or "-"
-        lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.1f} | {figs} |")
+        used = list(r["seeds"]) if r.get("seeds") is not None else seeds
+        lines.append(f"| {name} | {r['status']} | {', '.join(map(str, used))} | {r.get('seconds', 0):.1f} | {figs} |")
     lines += ["", "## Derivation checks", "", "| experiment | check | measured | threshold | result |",
               "|---|---|---|---|---|"]
     for name, r in results.items():
@@ -131,8 +159,13 @@ def write_report(out: pathlib.Path, config: dict, results: Dict[str, dict]) -> s
         if r["status"] != "ok":
             lines += [f"### {name}", "", f"**{r['status']}**", "", "```", r.get("reason", "").strip(), "```", ""]
             continue
+        lines += [f"### {name}", ""]
+        if r.get("reading"):
+            lines += [str(r["reading"]).strip(), ""]
+        if r.get("links"):
+            lines += ["See " + ", ".join(f"[{label}]({_doc_link(out, target)})" for label, target in r["links"]) + ".", ""]
         for title, table in r["tables"].items():
-            lines += [f"### {name}: {title}", "", table, ""]
+            lines += [f"#### {title}", "", table, ""]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -171,6 +204,9 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
     Raises:
         ValueError: unknown experiment, no seeds, ``out`` a file, or ``out`` not empty without ``overwrite``.
     """
+    import matplotlib  # noqa: F401 - the toys extra, checked before OUT is touched (the CLI names the extra)
+    from tqdm.auto import tqdm
+
     names = check_names(only) if only else list(REGISTRY)
     if seeds is None:
         seeds = (0, 1, 2, 3, 4) if full else (0, 1, 2)
@@ -194,7 +230,7 @@ def reproduce(out: pathlib.Path, *, full: bool = False, seeds: Optional[Sequence
     torch.set_num_threads(1)  # tiny ops: one thread is ~10x faster than two contended ones
     try:
         with open(out / "metrics.jsonl", "w") as fh:
-            bar = tqdm(names, desc="opd-toys reproduce", unit="exp", disable=not progress)
+            bar = tqdm(names, desc="opd-toys reproduce", unit="exp", disable=None if progress else True)  # None: off when not a terminal (nested bars write ESC[A into logs)
             for name in bar:
                 bar.set_postfix_str(name)
                 marker.write_text(f"this run has not completed: it stopped in experiment {name!r} (interrupted, "

@@ -261,3 +261,20 @@ def test_sigma_to_t_maps_diffusers_to_seed_convention():
     torch.testing.assert_close((x_at[1] - x_at[0]) / h, -(eps - x_data), rtol=0, atol=1e-13)
     torch.testing.assert_close(t_to_sigma(t), sigma, rtol=0, atol=1e-16)
     assert sigma_to_t(0.3) == pytest.approx(0.7, abs=1e-16)
+
+
+def test_last_step_to_zero_sde_keeps_flowgrpo_noise_cps_and_ode_do_not():
+    """docs D2 "The last step": Flow-GRPO's SDE kernel evaluates std_t = a sqrt(sigma / (1 - sigma)) at the
+    step's start, so a step from sigma = 0.1 to sigma' = 0 with a = 0.7 still adds noise of std
+    0.7 sqrt(0.1 / 0.9) sqrt(0.1) = 0.0738; CPS's std sigma' sin(a pi / 2) is exactly 0 at sigma' = 0 and
+    its mean, like the ODE step, is the denoised estimate x - sigma v."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    std = 0.7 * math.sqrt(0.1 / 0.9) * math.sqrt(0.1)  # written anew from Flow-GRPO's formula
+    assert abs(std - 0.0738) < 5e-5
+    sde = sde_step(x, v, 0.1, 0.0, 0.7)
+    torch.testing.assert_close(sde.std.expand(4, 3), torch.full((4, 3), std, dtype=F64), rtol=1e-14, atol=0)
+    cps = cps_step(x, v, 0.1, 0.0, 0.7)
+    assert torch.equal(cps.std.expand(4, 3), torch.zeros(4, 3, dtype=F64))
+    torch.testing.assert_close(cps.mean, x - 0.1 * v, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ode_step(x, v, 0.1, 0.0), x - 0.1 * v, rtol=1e-14, atol=1e-14)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,52 @@ def test_train_from_file_with_overrides_then_sample(workspace, tmp_path, capsys)
     b = torch.tensor(list(Image.open(out_student).getdata()), dtype=torch.float32)
     assert Image.open(out_base).size == (16, 16)  # 3 images of 8 px in a 2 x 2 grid
     assert (a - b).abs().max() > 0  # the LoRA changes the images
+
+
+def _png(path):
+    from PIL import Image
+
+    img = Image.open(path)
+    return img.size, torch.tensor(np.asarray(img), dtype=torch.float32)
+
+
+def test_sample_run_takes_the_run_settings_and_a_flag_overrides_them(workspace, tmp_path, capsys):
+    """``sample --run RUN`` reproduces the run's own ``samples/final.png`` (the trainer's grid: its model,
+    student, resolution, steps, guidance, T5 length, from the same noise seed and prompts); a flag given
+    on the command line wins over the run's value."""
+    from scale.setup import derive_seed
+
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, distill_steps=1, num_steps=2, guidance_scale=3.0, num_sample_prompts=2)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert main(["train", "--config", str(path)]) == 0, capsys.readouterr().err
+    # the trainer's grid prompts: the first prompt of each task (scale.io.sample_grid), noise seed derived
+    prompts = ["--prompt", "task 0 picture 0", "--prompt", "task 1 picture 0",
+               "--seed", str(derive_seed(cfg.seed, 2000))]
+    assert main(["sample", "--run", str(run), *prompts, "--out", str(tmp_path / "run.png")]) == 0
+    size, from_run = _png(tmp_path / "run.png")
+    final_size, final = _png(run / "samples" / "final.png")
+    assert size == final_size == (16, 8)  # two 8 px images side by side
+    assert (from_run - final).abs().max() <= 1  # uint8 rounding at most
+    # an override wins: guidance 1 (no CFG) instead of the run's 3.0, all else from the run
+    assert main(["sample", "--run", str(run), *prompts, "--guidance-scale", "1",
+                 "--out", str(tmp_path / "g1.png")]) == 0
+    explicit = ["--model", workspace["model"], "--lora", str(run / "student"), "--resolution", "8",
+                "--num-steps", "2", "--max-sequence-length", "8", "--guidance-scale", "1"]
+    assert main(["sample", *explicit, *prompts, "--out", str(tmp_path / "explicit.png")]) == 0
+    g1, explicit_img = _png(tmp_path / "g1.png")[1], _png(tmp_path / "explicit.png")[1]
+    assert torch.equal(g1, explicit_img)
+    assert (g1 - final).abs().max() > 1  # the override changed the image
+    # and the resolution flag wins too (16 px images)
+    assert main(["sample", "--run", str(run), "--prompt", "x", "--resolution", "16",
+                 "--out", str(tmp_path / "r16.png")]) == 0
+    assert _png(tmp_path / "r16.png")[0] == (16, 16)
+    capsys.readouterr()
+    assert main(["sample", "--run", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(tmp_path / "n.png")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["sample", "--prompt", "x", "--out", str(tmp_path / "n.png")]) == 2
+    assert "--run" in capsys.readouterr().err
 
 
 def test_train_errors_exit_2_naming_the_problem(workspace, tmp_path, capsys):

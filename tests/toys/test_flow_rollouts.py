@@ -131,14 +131,14 @@ def test_bad_input_raises() -> None:
 # the rollouts carry N(0, I) to the data distribution
 
 
-def _affine_rollout_law(gmm: GaussianMixture, sigmas: torch.Tensor, kind: str, a: float):
+def _affine_rollout_law(gmm: GaussianMixture, sigmas: torch.Tensor, kind: str, a: float, sigma_one: str = "ode"):
     """Exact law of the final state of a rollout for single-Gaussian data: every kernel mean is affine
     in the state, mean_n = A_n x_n + b_n; (A_n, b_n) are solved from the rollout's own (state, mean)
     pairs of 3 chains, so x_N ~ N(mu_N, Sigma_N) from x_0 ~ N(0, I)."""
     from opd_ref.chains import LinearGaussianChain, linear_gaussian_marginals
 
     pts = torch.cat([torch.zeros(1, 2, dtype=F64), torch.eye(2, dtype=F64)])
-    tr = rollout(gmm.velocity, pts, sigmas, _kernel(kind, a), torch.Generator().manual_seed(0))
+    tr = rollout(gmm.velocity, pts, sigmas, _kernel(kind, a, sigma_one), torch.Generator().manual_seed(0))
     X = torch.cat([tr.states[:-1], torch.ones(tr.n_steps, 3, 1, dtype=F64)], -1)  # (N, 3, 3)
     coef = torch.linalg.solve(X, tr.means)  # (N, 3, 2): rows A^T then b
     A, b = coef[:, :2].transpose(-1, -2), coef[:, 2]
@@ -150,10 +150,10 @@ def _affine_rollout_law(gmm: GaussianMixture, sigmas: torch.Tensor, kind: str, a
 DATA = GaussianMixture.gaussian(torch.tensor([1.0, -0.5], dtype=F64), torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=F64))
 
 
-def _law_kls(kind: str, a: float, steps) -> list:
+def _law_kls(kind: str, a: float, steps, sigma_one: str = "ode") -> list:
     from toys.gmm import gaussian_kl
 
-    return [float(gaussian_kl(_affine_rollout_law(DATA, sigma_grid(n), kind, a), DATA)) for n in steps]
+    return [float(gaussian_kl(_affine_rollout_law(DATA, sigma_grid(n), kind, a, sigma_one), DATA)) for n in steps]
 
 
 @pytest.mark.parametrize("kind, a", [("ode", 0.0), ("sde", 1.2)])
@@ -173,6 +173,17 @@ def test_sde_on_a_uniform_grid_has_a_small_floor() -> None:
     kls = _law_kls("sde", 0.7, (100, 200, 400))
     assert max(kls) <= 1e-5
     assert kls[0] / kls[2] < 3.0  # no 1/N^2 decay (that would give 16)
+
+
+def test_sde_floor_with_flowgrpo_first_step() -> None:
+    """The same floor with the trainers' first step (KernelSpec sigma_one="flowgrpo": at sigma = 1 the
+    denominator 1 - sigma of std_t is replaced by 1 - sigma', so the first step is stochastic):
+    measured 4.8e-6, 8.1e-6, 9.2e-6, 7.2e-6, 4.7e-6 for N = 100, 200, 400, 800, 1600 (docs/claims.md
+    row 14); it does not decay like 1/N^2 either."""
+    kls = _law_kls("sde", 0.7, (100, 200, 400), sigma_one="flowgrpo")
+    assert max(kls) <= 1.5e-5
+    assert kls[0] / kls[2] < 3.0  # 1/N^2 decay would give 16
+    assert kls != _law_kls("sde", 0.7, (100, 200, 400))  # the rule reaches the rollout (a different law)
 
 
 def test_cps_with_noise_is_not_marginal_preserving() -> None:

@@ -1,6 +1,7 @@
 """A reduced ``opd-toys reproduce`` end to end: run directory, report, measured = analytic variances."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -46,9 +47,58 @@ def test_reduced_reproduce_end_to_end(tiny, tmp_path):
     assert checks["D6: pathwise conditional variance is zero (max MC var / |mean|^2)"]["value"] <= 1e-20
     for name in ("d4_limit",):
         assert all(c["passed"] for c in results[name]["checks"]), results[name]["checks"]
+    for name in names:  # a reading, with links that resolve into docs/, and Markdown without $...$ math
+        assert len(results[name].get("reading", "")) > 100, name
+        assert results[name]["reading"] in report
+        for label, target in results[name]["links"]:
+            assert_doc_target_exists(target)
+    assert "$" not in report
+    assert "| training | ok | 0 |" in report  # the seeds each experiment used (here all: [0])
     rows = [m for m in results["variance"]["metrics"] if m["figure"] == "variance_vs_a" and m["estimator"] == "ppo"]
     for m in rows:  # direct numbers: relative gap within 5 standard errors of the MC estimate
         assert abs(m["var_mc"] - m["var_analytic"]) <= 5.0 * m["var_mc_se"]
+
+
+def _slug(heading: str) -> str:
+    """The anchor mkdocs' toc extension gives a heading (lower case, runs of other characters -> '-')."""
+    return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
+
+
+def assert_doc_target_exists(target: str) -> None:
+    """``target`` (relative to docs/, optional #anchor) names a docs file, and the anchor an ``id=`` or a heading."""
+    path, _, anchor = target.partition("#")
+    doc = rp.DOCS / path
+    assert doc.is_file(), target
+    if anchor:
+        text = doc.read_text()
+        headings = {_slug(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+        assert f'id="{anchor}"' in text or anchor in headings, target
+
+
+def test_report_reading_links_and_seeds(tmp_path, monkeypatch):
+    """The optional result keys: the reading under the experiment, its links relative to OUT (pointing at
+    the repository's docs), the seeds it used in the experiments table and a note in the header."""
+    monkeypatch.setitem(rp.REGISTRY, "fake_a", "x")
+
+    def run_experiment(name, fig_dir, quick, seeds):
+        return {"status": "ok", "checks": [], "figures": [], "tables": {"t": "| a |\n|---|\n| 1 |"}, "metrics": [],
+                "seconds": 0.0, "reading": "It shows 0.5 nats.", "seeds": [0, 1],
+                "links": [("claims row 5", "claims.md#claim-5"), ("D6", "derivations/d6-estimator-variance.md")]}
+
+    monkeypatch.setattr(rp, "run_experiment", run_experiment)
+    out = tmp_path / "deep" / "run"
+    rp.reproduce(out, seeds=[0, 1, 2], only=["fake_a"], progress=False)
+    report = (out / "report.md").read_text()
+    assert "| fake_a | ok | 0, 1 |" in report and "fake_a used fewer seeds" in report
+    section = report[report.index("### fake_a"):]
+    assert section.index("It shows 0.5 nats.") < section.index("#### t")
+    links = re.findall(r"\[(claims row 5|D6)\]\(([^)]+)\)", section)
+    assert len(links) == 2
+    expected = {"claims row 5": rp.DOCS / "claims.md", "D6": rp.DOCS / "derivations" / "d6-estimator-variance.md"}
+    for label, href in links:  # relative to OUT, landing on the repository's docs files
+        assert not href.startswith("/") and (out / href.partition("#")[0]).resolve() == expected[label].resolve()
+    assert links[0][1].endswith("claims.md#claim-5")
+    assert_doc_target_exists("claims.md#claim-5")
 
 
 def test_missing_experiment_is_reported_not_available(tmp_path, monkeypatch):

@@ -282,7 +282,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         return [curves[(init, psi_mode)][s][-1][key] for s in seeds]
 
     # ------------------------------------------------------------------ figure
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 5.2))
     ax = axes[0]
     for (init, psi_mode), by_seed in curves.items():
         steps = [r["step"] for r in by_seed[seeds[0]]]
@@ -298,7 +298,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_xlabel("generator step")
     ax.set_ylabel(r"exact KL($p_\theta\,\|\,p_{data}$) [nats]")
     ax.set_title(f"Di[M]O, beta={BETA}, batch {cfg['batch']}, mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)  # below: inside it covered curves
 
     ax = axes[1]
     regions = [f"mode {k}" for k in range(V)] + ["no mode"]
@@ -333,7 +333,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax.set_ylabel("probability mass of the region")
     ax.set_title(f"fully masked prior, seed {s0}: learned $\\psi$ (solid), exact $\\psi$ (dashed),\n"
                  "data (dotted)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
 
     ax = axes[3]
     ax2 = ax.twinx()
@@ -350,7 +350,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     ax2.set_ylim(-1.05, 1.05)
     ax.set_title("noise-free Di[M]O: KL (lines, left axis) and the cosine of the update\n"
                  "with the exact frozen-state gradient (dots, right axis)", fontsize=9)
-    ax.legend(fontsize=7, loc="center left")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
     fig.suptitle("D19 Di[M]O: one-step distillation of an exact masked diffusion model (V=4, L=3, 64 sequences)",
                  fontsize=10)
     figures = [save(fig, out_dir, "dimo.png")]
@@ -425,5 +425,18 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         f"teacher-initialised start: KL {init_kl_fm:.3f} fully masked, {init_kl:.3f} hybrid)": "\n".join(rows_t),
         f"D19 noise-free Di[M]O (exact expected update, exact psi, {cfg['noise_free_steps']} Adam steps)": "\n".join(rows_nf),
     }
+    reading = (
+        f"Masked-diffusion Di[M]O on an exact toy. With a fully masked initial state the one-step generator is a "
+        f"product of token distributions: its expected update is the exact gradient of the frozen-state objective "
+        f"(1 - cosine at most {cos_gap:.1e}) and the KL to the data stays at {fm_gap + floor:.3f} nats or more, "
+        f"above the best product's {floor:.3f}: no mode collapses (smallest mode mass ratio {fm_keep:.2f}) but "
+        f"{fm_off:.2f} of the mass falls off the modes and the entropy exceeds the data's by "
+        f"{fm_entropy:.2f} nats, diffuse rather than collapsed. A hybrid of random and mask tokens breaks the product "
+        f"structure (cosine to the frozen-state gradient at most {hyb_cos0:.2f} at the start) and reaches a final "
+        f"KL of {hyb_exact:.3f} nats with the exact posterior psi and {hyb_learned:.3f} with the learned psi, every "
+        f"mode within {hyb_cov:.3f} of the data's mass.")
     return {"checks": checks, "figures": figures, "tables": tables,
-            "metrics": metrics + [{"figure": "dimo", "product_family_floor": floor}]}
+            "metrics": metrics + [{"figure": "dimo", "product_family_floor": floor}], "seeds": seeds,
+            "reading": reading,
+            "links": [("claims row 15", "claims.md#claim-15"), ("claims row 16", "claims.md#claim-16"),
+                      ("claims row 17", "claims.md#claim-17"), ("D19", "derivations/d19-dimo.md")]}

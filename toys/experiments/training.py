@@ -135,10 +135,12 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
             ax.set_ylabel(f"exact KL(p_θ ‖ p*_{task})  (nats)")
             ax.set_yscale("log")
             ax.set_title(f"task {task}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    # one legend for all panels, below them (inside a panel it covered curves)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), fontsize=9, frameon=False)
     fig.suptitle(f"Parametric GMM student, one per task, a={noise_level}, batch {batch_size}, 10 steps, Adam lr {lr}; "
                  f"bands ±1 std over {len(seeds)} seeds", fontsize=9)
-    figures = [save(fig, out_dir, "training_curves.png")]
+    figures = [save(fig, out_dir, "training_curves.png", rect=(0, 0.04, 1, 1))]
     # ---- checks (task 0)
     kl0 = curves[0]["opd_kl"][0]["kl"][0]
     d7 = -expected_reward(setting.p_ref, setting.rewards[0]) / setting.betas[0] + setting.log_Z[0]
@@ -163,4 +165,23 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
                         f"{f('seconds').mean():.1f} ± {f('seconds').std():.1f} |")
     table = {f"Single-task training, one student per task ({n_updates} updates, mean ± std over seeds "
              f"{seeds})": "\n".join(rows)}
-    return {"checks": checks, "figures": figures, "tables": table, "metrics": metrics}
+    mean_final = {m: float(np.mean([c["kl"][-1] for t in tasks for c in curves[t][m]])) for m in METHODS}
+    ode = [c["kl"] for c in curves[0]["opd_ode"]]
+    ode_prev, ode_last = float(np.mean([k[-2] for k in ode])), float(np.mean([k[-1] for k in ode]))
+    fp = {m: int(np.mean([c["forward_passes"][-1] for c in curves[0][m]])) for m in METHODS}
+    reading = (
+        f"Every OPD method with the closed-form or score-function KL brings the exact reverse KL to the "
+        f"task's target from about {np.mean([curves[t]['opd_kl'][0]['kl'][0] for t in tasks]):.2f} nats to "
+        + ", ".join(f"{LABELS[m]} {mean_final[m]:.3f}" for m in ("opd_kl", "ppo_opd", "k1", "vopd"))
+        + f" nats (mean over tasks and seeds) after {n_updates} updates at a = {noise_level}, batch {batch_size}: "
+        f"in this regime the lower variance of the closed-form KL buys little (claims row 5 has the benchmark "
+        f"where it does). GRPO on the task reward with a KL to p_ref ends at {mean_final['grpo']:.3f} nats with "
+        f"{fp['grpo'] / fp['opd_kl']:.2f}x the forward passes. DiffusionOPD-ODE (direct matching on ODE "
+        f"rollouts) ends at {mean_final['opd_ode']:.3f} nats; on task 0 its KL was still falling at the end "
+        f"({ode_prev:.3f} then {ode_last:.3f} nats at the last two evaluations): it is slower per update, not "
+        f"stuck (the reproduce page measures it at 300 updates).")
+    return {"checks": checks, "figures": figures, "tables": table, "metrics": metrics, "seeds": seeds,
+            "reading": reading,
+            "links": [("claims row 5", "claims.md#claim-5"), ("D4", "derivations/d4-deterministic-limit.md"),
+                      ("D6", "derivations/d6-estimator-variance.md"), ("D7", "derivations/d7-reward-tilting.md"),
+                      ("ODE vs SDE", "reproduce.md#why-diffusionopd-ode-ends-higher")]}

@@ -161,7 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.lora:
         load_lora(pipe.transformer, args.lora, "sample")
         adapter = "sample"
-    cache = PromptCache(pipe, max_sequence_length=args.max_sequence_length, guidance=args.guidance_scale > 1)
+    cache = PromptCache(pipe, max_sequence_length=args.max_sequence_length, guidance=args.guidance_scale != 1)
     images = sample_images(pipe, cache, prompts, adapter, num_steps=args.num_steps, resolution=args.resolution,
                            guidance_scale=args.guidance_scale, seed=args.seed, kernel=args.kernel,
                            noise_level=args.noise_level)

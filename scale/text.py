@@ -102,7 +102,7 @@ class PromptCache:
     Args:
         pipe: a ``StableDiffusion3Pipeline``.
         max_sequence_length: T5 tokens per prompt (the pipeline's default is 256).
-        guidance: also provide the negative embeddings (needed for CFG, ``guidance_scale > 1``).
+        guidance: also provide the negative embeddings (needed for CFG, ``guidance_scale != 1``).
         negative_prompt: the unconditional prompt (default ``""``, as the pipeline).
         batch_size: prompts per text-encoder call when many new prompts arrive at once (a progress bar
             shows when there is more than one batch).

@@ -3,6 +3,7 @@
 Examples::
 
     opd-scale build-tiny /tmp/tiny
+    opd-scale build-tiny-rewards /tmp/tiny_rewards          # tiny PickScore-like / aesthetic-like dirs + prompt files
     opd-scale train --config run.json --set distill_steps=200 --learning-rate 1e-4
     opd-scale train --resume --output-dir runs/opd          # continue from the run's checkpoint
     opd-scale sample --model /tmp/tiny --lora runs/opd/student --prompts p.txt --out grid.png
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output directory (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
+    p = sub.add_parser("build-tiny-rewards", allow_abbrev=False,
+                       help="write tiny random-weight PickScore-like and aesthetic-like reward-model directories, a "
+                            "GenEval-style jsonl and an OCR-style prompt file (for dry runs of the reward adapters)")
+    p.add_argument("dir", help="output directory (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
     p = sub.add_parser("train", allow_abbrev=False, help="two-stage DiffusionOPD training (config file + overrides)")
     p.add_argument("--config", help="JSON or TOML config file (defaults: ScaleConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", allow_abbrev=False, help="a grid of images from the base model, a teacher or the student LoRA")
     p.add_argument("--model", required=True, help="pipeline directory or cached hub id")
     p.add_argument("--lora", default=None, help="diffusers LoRA file/dir (teacher or student); none = base")
-    p.add_argument("--prompts", default=None, help="prompt file (one per line)")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt one per line, or .jsonl)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--out", required=True, help="PNG path of the grid")
     p.add_argument("--num-steps", type=int, default=40, help="sampling steps (SD3.5 default 40)")
@@ -231,6 +238,12 @@ def _run(args: argparse.Namespace) -> int:
             from scale.tiny import build_tiny_pipeline
 
             print(f"wrote {build_tiny_pipeline(args.dir, seed=args.seed)}")
+            return 0
+        if args.command == "build-tiny-rewards":
+            from scale.tiny import build_tiny_rewards
+
+            for name, path in build_tiny_rewards(args.dir, seed=args.seed).items():
+                print(f"wrote {name}: {path}")
             return 0
         if args.command == "train":
             from scale.train import DivergedError, train

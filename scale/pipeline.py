@@ -235,16 +235,19 @@ def model_inputs(embeds: PromptEmbeds, guidance_scale: float, dtype: torch.dtype
     uncond = g != 1.0 if with_uncond is None else bool(with_uncond)
     if g != 1.0 and not uncond:
         raise ValueError(f"guidance_scale={g} != 1 needs the unconditional rows, got with_uncond=False")
+    if uncond and not embeds.has_negative:
+        raise ValueError(f"guidance_scale={g} (CFG) needs negative embeddings (PromptCache(..., guidance=True))")
+
+    def move(*parts: Tensor) -> Tensor:  # each part to the device (asynchronously from pinned memory), then cat
+        moved = [t.to(device=device, dtype=dtype, non_blocking=t.device.type == "cpu" and t.is_pinned()) for t in parts]
+        return moved[0] if len(moved) == 1 else torch.cat(moved, dim=0)
+
     if uncond:
-        if not embeds.has_negative:
-            raise ValueError(f"guidance_scale={g} (CFG) needs negative embeddings (PromptCache(..., guidance=True))")
-        hidden = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds], dim=0)
-        pooled = torch.cat([embeds.negative_pooled_prompt_embeds, embeds.pooled_prompt_embeds], dim=0)
+        hidden = move(embeds.negative_prompt_embeds, embeds.prompt_embeds)
+        pooled = move(embeds.negative_pooled_prompt_embeds, embeds.pooled_prompt_embeds)
     else:
-        hidden, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
-    pinned = hidden.device.type == "cpu" and hidden.is_pinned()
-    return ModelInputs(hidden.to(device=device, dtype=dtype, non_blocking=pinned),
-                       pooled.to(device=device, dtype=dtype, non_blocking=pinned), g, embeds.batch_size)
+        hidden, pooled = move(embeds.prompt_embeds), move(embeds.pooled_prompt_embeds)
+    return ModelInputs(hidden, pooled, g, embeds.batch_size)
 
 
 def velocity(transformer, x: Tensor, sigma: Union[float, Tensor], inputs: ModelInputs, dtype: torch.dtype,

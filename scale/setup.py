@@ -284,7 +284,12 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     policy = SD3Policy(pipe.transformer, (int(tcfg.in_channels), side, side), device, pipe.transformer.dtype,
                        guidance=guidance, detach_uncond=cfg.detach_uncond)
     cache = PromptCache(pipe, max_sequence_length=cfg.max_sequence_length, guidance=policy.needs_uncond)
-    cache.encode(sorted({p for t in tasks for p in t.prompts} | {p for ps in heldout for p in ps}))
+    every_prompt = sorted({p for t in tasks for p in t.prompts} | {p for ps in heldout for p in ps})
+    if cfg.prompt_cache:  # memory-mapped on disk: each process encodes its share once, all read
+        cache.attach(cfg.prompt_cache, every_prompt, accelerator.process_index, accelerator.num_processes,
+                     accelerator.wait_for_everyone)
+    else:  # in host memory (pinned on CUDA)
+        cache.encode(every_prompt)
     if device.type == "cuda":  # the text encoders (T5-XXL: ~9.5 GB in bf16) are done: offload
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:

@@ -185,3 +185,19 @@ def test_geneval_adapter_checks_the_metadata_contract(user_fns):
     assert got.tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="needs GenEval metadata"):
         reward(torch.rand(1, 3, 8, 8), ["a cat"], [{}])
+
+
+def test_cli_build_tiny_rewards(tmp_path, capsys):
+    from scale.cli import main
+
+    out = tmp_path / "r"
+    assert main(["build-tiny-rewards", str(out), "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"pickscore: {out / 'pickscore'}" in printed and "geneval_prompts" in printed
+    reward = get_reward(f"0.5*pickscore:{out / 'pickscore'} + 0.5*aesthetic:{out / 'aesthetic'}")
+    assert reward(_images(), PROMPTS).shape == (3,)
+    from scale.data import load_prompts
+
+    assert load_prompts(out / "geneval_metadata.jsonl").metadata == TINY_GENEVAL
+    assert len(load_prompts(out / "ocr_prompts.txt").prompts) == 4
+    assert main(["build-tiny-rewards", str(out)]) == 2  # not empty: refused

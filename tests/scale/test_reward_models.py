@@ -168,13 +168,13 @@ def user_fns(tmp_path, monkeypatch):
 def test_ocr_adapter_is_flowgrpos_edit_distance_reward(user_fns):
     reward = get_reward("ocr:ocr_geneval_mod:read")
     prompts = ['a sign that says "Open Now"', 'a sign that says "Open Now"', 'a sign that says "Open Now"',
-               "a poster"]
-    meta = [{}, {}, {}, {"text": "sale"}]
-    user_fns.TEXTS[:] = ["OPEN now!", "opem", "", "sal"]
+               "a poster", "a poster"]
+    meta = [{}, {}, {}, {"text": "sale"}, {"text": "sale"}]
+    user_fns.TEXTS[:] = ["OPEN now!", "opem", "", "sal", "xxxxxxxxxx"]
     # targets "opennow" (7 letters) and "sale": contained -> 1; lev("opem", "opennow") = 4; "" -> 7 -> 0;
-    # lev("sal", "sale") = 1 of 4
-    want = [1.0, 1 - 4 / 7, 0.0, 1 - 1 / 4]
-    torch.testing.assert_close(reward(torch.rand(4, 3, 8, 8), prompts, meta), torch.tensor(want))
+    # lev("sal", "sale") = 1 of 4; lev("xxxxxxxxxx", "sale") = 10 > 4 is clipped to 4 -> 0
+    want = [1.0, 1 - 4 / 7, 0.0, 1 - 1 / 4, 0.0]
+    torch.testing.assert_close(reward(torch.rand(5, 3, 8, 8), prompts, meta), torch.tensor(want))
     with pytest.raises(ValueError, match="no double-quoted text"):
         reward(torch.rand(1, 3, 8, 8), ["a poster"], [{}])
 

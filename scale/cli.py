@@ -3,6 +3,7 @@
 Examples::
 
     opd-scale build-tiny /tmp/tiny
+    opd-scale build-tiny-rewards /tmp/tiny_rewards          # tiny PickScore-like / aesthetic-like dirs + prompt files
     opd-scale train --config run.json --set distill_steps=200 --learning-rate 1e-4
     opd-scale train --resume --output-dir runs/opd          # continue from the run's checkpoint
     opd-scale sample --run runs/opd --prompts p.txt --out grid.png   # the run's model, student and settings
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output directory (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
+    p = sub.add_parser("build-tiny-rewards", allow_abbrev=False,
+                       help="write tiny random-weight PickScore-like and aesthetic-like reward-model directories, a "
+                            "GenEval-style jsonl and an OCR-style prompt file (for dry runs of the reward adapters)")
+    p.add_argument("dir", help="output directory (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
     p = sub.add_parser("train", allow_abbrev=False, help="two-stage DiffusionOPD training (config file + overrides)")
     p.add_argument("--config", help="JSON or TOML config file (defaults: ScaleConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     p.add_argument("--lora", default=None, help="diffusers LoRA file/dir (teacher or student); none = base "
                                                 "(with --run: RUN/student unless given; --lora '' = base)")
-    p.add_argument("--prompts", default=None, help="prompt file (one per line)")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt one per line, or .jsonl)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--out", required=True, help="PNG path of the grid")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -209,7 +216,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.lora:
         load_lora(pipe.transformer, args.lora, "sample")
         adapter = "sample"
-    cache = PromptCache(pipe, max_sequence_length=args.max_sequence_length, guidance=args.guidance_scale > 1)
+    cache = PromptCache(pipe, max_sequence_length=args.max_sequence_length, guidance=args.guidance_scale != 1)
     images = sample_images(pipe, cache, prompts, adapter, num_steps=args.num_steps, resolution=args.resolution,
                            guidance_scale=args.guidance_scale, seed=args.seed, kernel=args.kernel,
                            noise_level=args.noise_level)
@@ -288,6 +295,12 @@ def _run(args: argparse.Namespace) -> int:
             from scale.tiny import build_tiny_pipeline
 
             print(f"wrote {build_tiny_pipeline(args.dir, seed=args.seed)}")
+            return 0
+        if args.command == "build-tiny-rewards":
+            from scale.tiny import build_tiny_rewards
+
+            for name, path in build_tiny_rewards(args.dir, seed=args.seed).items():
+                print(f"wrote {name}: {path}")
             return 0
         if args.command == "train":
             from scale.train import DivergedError, train

@@ -56,7 +56,15 @@ class ScaleConfig:
     num_steps: int = knob(10, "rollout steps on the scheduler's sigma grid (Flow-GRPO training sampler: 10)")
     kernel: str = knob("sde", "transition kernel of the rollouts (opd_ref.engine.KERNEL_KINDS): sde (Flow-GRPO), cps, ode")
     noise_level: float = knob(0.7, "SDE noise level a (Flow-GRPO: 0.7); ignored by the ode kernel")
-    guidance_scale: float = knob(4.5, "classifier-free guidance for student, teachers and reference (4.5)")
+    guidance_scale: float = knob(4.5, "classifier-free guidance of the student (rollouts, samples; Flow-GRPO: 4.5); "
+                                 "1 = no CFG (one conditional forward)")
+    teacher_guidance_scales: List[float] = knob([], "per task, or one for all: the guidance each teacher was trained "
+                                                "with; [] = 4.5 each (GRPO-Guard / Flow-GRPO teachers); DiffusionNFT "
+                                                "teachers: 1.0 (trained CFG-free)")
+    reference_guidance_scale: float = knob(4.5, "guidance of the frozen base (stage-1 KL, CRD; Flow-GRPO: the "
+                                           "policy's 4.5)")
+    detach_uncond: bool = knob(False, "stop the gradient through the unconditional CFG branch as Flow-GRPO's code "
+                               "does (gradient g * dv_cond); false = the exact gradient through both branches")
     max_sequence_length: int = knob(128, "T5 tokens per prompt (Flow-GRPO uses 128 for SD3.5)")
     train_steps: List[int] = knob([], "rollout step indices trained; [] = every stochastic step")
 
@@ -78,7 +86,9 @@ class ScaleConfig:
 
     # ---- stage 1: GRPO task teachers (optional) ---------------------------------------------
     stage1_steps: int = knob(0, "GRPO updates per task teacher; 0 skips stage 1 (teachers given as LoRA files)")
-    rewards: List[str] = knob([], "per task: built-in reward name or \"module:function\"")
+    rewards: List[str] = knob([], "per task: a reward spec: built-in name, \"module:function\", an adapter on a local "
+                              "model directory (\"pickscore:/models/ps\"), or a weighted sum "
+                              "(\"0.5*pickscore:/m/ps + 0.5*aesthetic:/m/aes\")")
     group_size: int = knob(16, "rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)")
     clip_range: float = knob(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4)")
     kl_beta: float = knob(0.04, "weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)")
@@ -90,7 +100,12 @@ class ScaleConfig:
     distill_steps: int = knob(100, "stage-2 updates; one update = one round-robin cycle over all tasks")
     loss: str = knob("opd_kl", "engine method: opd_kl (closed-form KL), opd_ode (ODE matching), ppo_opd, k1, vopd, crd")
     tasks: List[str] = knob([], "task names (one teacher LoRA per task)")
-    prompt_files: List[str] = knob([], "per task: text file, one prompt per line")
+    prompt_files: List[str] = knob([], "per task: .txt one prompt per line (Flow-GRPO OCR / pickscore splits) or "
+                                   ".jsonl one {\"prompt\": ..., ...} object per line, the other keys are the "
+                                   "reward's metadata (Flow-GRPO GenEval *_metadata.jsonl)")
+    prompt_cache: str = knob("", "\"\" = prompt embeddings in host memory (pinned on CUDA); a directory = a "
+                             "memory-mapped cache on disk, written once (each process encodes its share) and "
+                             "read by every later run with the same prompts")
     teacher_loras: List[str] = knob([], "per task: diffusers LoRA file/dir (\"\" = stage 1)")
     heldout_prompt_files: List[str] = knob([], "held-out KL prompts: one file per task, or one for all ([] = off)")
     crd_beta: float = knob(1.0, "CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)")
@@ -135,6 +150,19 @@ class ScaleConfig:
         for key in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"config {key} must lie in [0, 1), got {getattr(self, key)!r}")
+        for g in self.teacher_guidance_scales:
+            if not (math.isfinite(g) and g >= 0):
+                raise ValueError(f"config teacher_guidance_scales entries must be finite numbers >= 0, got {g!r}")
+        if self.reference_guidance_scale < 0:
+            raise ValueError(f"config reference_guidance_scale must be >= 0, got {self.reference_guidance_scale!r}")
+        if len(self.teacher_guidance_scales) not in (0, 1, len(self.tasks)):
+            raise ValueError(f"config teacher_guidance_scales needs one value per task ({len(self.tasks)}) or one for "
+                             f"all, got {self.teacher_guidance_scales}")
+        from scale.rewards import parse_reward_spec
+
+        for spec in self.rewards:
+            if spec:
+                parse_reward_spec(spec)
         if self.max_heldout_kl_ratio != 0 and not self.max_heldout_kl_ratio > 1:
             raise ValueError(f"config max_heldout_kl_ratio must be 0 (off) or > 1, got {self.max_heldout_kl_ratio!r}")
         if self.loss == "ode":
@@ -166,6 +194,11 @@ class ScaleConfig:
         if len(set(self.tasks)) != n:
             raise ValueError(f"config tasks must be distinct names, got {self.tasks}")
         return self
+
+    def teacher_guidance(self) -> List[float]:
+        """The guidance scale of each task's teacher (``teacher_guidance_scales`` expanded; 4.5 each by default)."""
+        g = self.teacher_guidance_scales
+        return [4.5] * len(self.tasks) if not g else g * len(self.tasks) if len(g) == 1 else list(g)
 
     def kernel_spec(self) -> KernelSpec:
         """The rollout kernel: ``kernel`` and ``noise_level`` with Flow-GRPO's sigma = 1 rule (the SD3

@@ -179,12 +179,14 @@ def decode(pipe, latents: Tensor) -> Tensor:
 class ModelInputs:
     r"""The text inputs of one batch as the transformer takes them, built once per batch.
 
-    With CFG (:math:`g > 1`) the rows are ``[uncond; cond]`` (``2B``), as the SD3 pipeline batches them.
+    When the unconditional branch is included the rows are ``[uncond; cond]`` (``2B``), as the SD3
+    pipeline batches them; otherwise ``B`` conditional rows.
 
     Attributes:
         hidden: ``(B or 2B, L, D)`` token embeddings in the model's dtype and device.
         pooled: ``(B or 2B, P)`` pooled embeddings.
-        guidance_scale: :math:`g`.
+        guidance_scale: :math:`g`, the default scale of :func:`velocity` (a policy may pass its own
+            per role).
         batch_size: ``B``.
     """
 
@@ -195,50 +197,73 @@ class ModelInputs:
 
     @property
     def cfg(self) -> bool:
-        """Whether the velocity is guided (:math:`g > 1`)."""
-        return self.guidance_scale > 1.0
+        """Whether the default velocity is guided (:math:`g \ne 1`; :math:`g = 1` is one conditional forward)."""
+        return self.guidance_scale != 1.0
+
+    @property
+    def has_uncond(self) -> bool:
+        """Whether the unconditional rows are included (``2B`` rows)."""
+        return self.hidden.shape[0] == 2 * self.batch_size
 
 
 def model_inputs(embeds: PromptEmbeds, guidance_scale: float, dtype: torch.dtype,
-                 device: Union[torch.device, str]) -> ModelInputs:
-    r"""Cast and (for CFG) concatenate a batch's embeddings once: :math:`[c_\varnothing; c]`.
+                 device: Union[torch.device, str], *, with_uncond: Optional[bool] = None) -> ModelInputs:
+    r"""Cast and (for CFG) concatenate a batch's embeddings once: :math:`[c_\varnothing; c]`, moved to
+    ``device`` (asynchronously when the embeddings are in pinned host memory).
 
-    .. math:: \text{hidden} = [\varnothing; c] \ (g > 1),\qquad \text{hidden} = c\ (g \le 1)
+    .. math:: \text{hidden} = [\varnothing; c] \ (g \ne 1),\qquad \text{hidden} = c\ (g = 1)
 
     Args:
-        embeds: :class:`~scale.text.PromptEmbeds` of ``B`` prompts.
-        guidance_scale: :math:`g` (``> 1`` needs negative embeddings).
+        embeds: :class:`~scale.text.PromptEmbeds` of ``B`` prompts (on the host or the device).
+        guidance_scale: :math:`g \ge 0` (``!= 1`` needs negative embeddings).
         dtype: the transformer's dtype; device: its device.
+        with_uncond: include the unconditional rows (``None``: when :math:`g \ne 1`); ``True`` when
+            another role that shares these inputs guides (per-role guidance, :class:`~scale.policy.SD3Policy`).
 
     Returns:
         :class:`ModelInputs`.
 
     Raises:
         TypeError: ``embeds`` is not a ``PromptEmbeds``.
-        ValueError: CFG without negative embeddings.
+        ValueError: CFG without negative embeddings, or ``g != 1`` with ``with_uncond=False``.
 
     Reference: ``flowgrpo`` (CFG with the empty prompt).
     """
     if not isinstance(embeds, PromptEmbeds):
         raise TypeError(f"embeds must be a PromptEmbeds, got {type(embeds).__name__}")
     g = float(guidance_scale)
-    if g > 1.0:
-        if not embeds.has_negative:
-            raise ValueError(f"guidance_scale={g} > 1 needs negative embeddings (PromptCache(..., guidance=True))")
-        hidden = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds], dim=0)
-        pooled = torch.cat([embeds.negative_pooled_prompt_embeds, embeds.pooled_prompt_embeds], dim=0)
+    uncond = g != 1.0 if with_uncond is None else bool(with_uncond)
+    if g != 1.0 and not uncond:
+        raise ValueError(f"guidance_scale={g} != 1 needs the unconditional rows, got with_uncond=False")
+    if uncond and not embeds.has_negative:
+        raise ValueError(f"guidance_scale={g} (CFG) needs negative embeddings (PromptCache(..., guidance=True))")
+
+    def move(*parts: Tensor) -> Tensor:  # each part to the device (asynchronously from pinned memory), then cat
+        moved = [t.to(device=device, dtype=dtype, non_blocking=t.device.type == "cpu" and t.is_pinned()) for t in parts]
+        return moved[0] if len(moved) == 1 else torch.cat(moved, dim=0)
+
+    if uncond:
+        hidden = move(embeds.negative_prompt_embeds, embeds.prompt_embeds)
+        pooled = move(embeds.negative_pooled_prompt_embeds, embeds.pooled_prompt_embeds)
     else:
-        hidden, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
-    return ModelInputs(hidden.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype), g,
-                       embeds.batch_size)
+        hidden, pooled = move(embeds.prompt_embeds), move(embeds.pooled_prompt_embeds)
+    return ModelInputs(hidden, pooled, g, embeds.batch_size)
 
 
 def velocity(transformer, x: Tensor, sigma: Union[float, Tensor], inputs: ModelInputs, dtype: torch.dtype,
-             num_train_timesteps: int = 1000) -> Tensor:
+             num_train_timesteps: int = 1000, *, guidance_scale: Optional[float] = None,
+             detach_uncond: bool = False) -> Tensor:
     r"""The velocity of the transformer's *active* adapter, guided as the SD3 pipeline guides it:
 
     .. math::
         v = v(x, \sigma, \varnothing) + g\,\big(v(x, \sigma, c) - v(x, \sigma, \varnothing)\big)
+
+    :math:`g = 1` is one conditional forward of ``B`` rows (the unconditional rows, if present, are
+    not computed); otherwise one forward of the ``2B`` rows ``[uncond; cond]``.  With
+    ``detach_uncond`` the unconditional branch is detached as Flow-GRPO's training code does
+    (``noise_pred_uncond.detach()``): the value is unchanged and the gradient is
+    :math:`g\,\partial v(x, \sigma, c)` only, instead of the exact
+    :math:`(1 - g)\,\partial v(x, \sigma, \varnothing) + g\,\partial v(x, \sigma, c)`.
 
     No validation (the hot loop's call; :func:`predict_velocity` is the checked entry).  The
     transformer runs in ``dtype``; the result is float32.
@@ -250,6 +275,8 @@ def velocity(transformer, x: Tensor, sigma: Union[float, Tensor], inputs: ModelI
         inputs: :class:`ModelInputs` of the batch.
         dtype: the transformer's dtype.
         num_train_timesteps: the scheduler's (1000 for SD3).
+        guidance_scale: :math:`g` (``None``: ``inputs.guidance_scale``); ``!= 1`` needs ``inputs.has_uncond``.
+        detach_uncond: stop the gradient through the unconditional branch (Flow-GRPO).
 
     Returns:
         ``(B, C, H, W)`` float32 velocity.
@@ -257,19 +284,28 @@ def velocity(transformer, x: Tensor, sigma: Union[float, Tensor], inputs: ModelI
     Reference: ``flowgrpo`` (CFG during rollouts and training), ``diffusionopd``.
     """
     b = x.shape[0]
+    g = inputs.guidance_scale if guidance_scale is None else guidance_scale
     if isinstance(sigma, Tensor):
         t = sigma.to(device=x.device, dtype=torch.float32) * num_train_timesteps
     else:
         t = torch.full((b,), float(sigma), dtype=torch.float32, device=x.device) * num_train_timesteps
     x = x.to(dtype)
-    if inputs.cfg:
+    hidden, pooled = inputs.hidden, inputs.pooled
+    guided = g != 1.0
+    if guided:
+        if not inputs.has_uncond:
+            raise ValueError(f"guidance_scale={g} != 1 needs ModelInputs with the unconditional rows")
         x = torch.cat([x, x], dim=0)
         t = torch.cat([t, t], dim=0)
-    out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=inputs.hidden,
-                      pooled_projections=inputs.pooled, return_dict=False)[0].to(torch.float32)
-    if inputs.cfg:
+    elif inputs.has_uncond:  # g = 1: the conditional rows only
+        hidden, pooled = hidden[b:], pooled[b:]
+    out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=hidden,
+                      pooled_projections=pooled, return_dict=False)[0].to(torch.float32)
+    if guided:
         uncond, cond = out.chunk(2)
-        out = uncond + inputs.guidance_scale * (cond - uncond)
+        if detach_uncond:
+            uncond = uncond.detach()
+        out = uncond + g * (cond - uncond)
     return out
 
 
@@ -298,8 +334,9 @@ def predict_velocity(
         transformer: ``SD3Transformer2DModel`` (with or without peft adapters).
         latents: ``(B, C, H, W)`` state :math:`x_\sigma`.
         sigma: ``(B,)`` float tensor (or a float) in ``[0, 1]``.
-        embeds: :class:`~scale.text.PromptEmbeds` with batch ``B`` (negatives when ``guidance_scale > 1``).
-        guidance_scale: CFG scale :math:`g`; ``<= 1`` means a single conditional forward.
+        embeds: :class:`~scale.text.PromptEmbeds` with batch ``B`` (negatives when ``guidance_scale != 1``).
+        guidance_scale: CFG scale :math:`g \ge 0`; ``1`` means a single conditional forward (``g < 1``
+            interpolates towards the unconditional velocity, ``0`` is unconditional).
         adapter: adapter name to use, or ``None`` for the reference (all adapters disabled).
         num_train_timesteps: the scheduler's ``num_train_timesteps`` (1000 for SD3).
         dtype: the transformer's dtype (``None``: looked up, which walks every module).

@@ -16,7 +16,8 @@ Reference: ``diffusionopd`` (student and teachers as LoRA adapters on one frozen
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+import math
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,38 +33,69 @@ class SD3Policy:
     r"""The engine's :class:`~opd_ref.engine.Policy` for an SD3 / SD3.5 transformer with LoRA adapters.
 
     .. math::
-        v_A(x, \sigma, c) = v(x, \sigma, \varnothing) + g\,\big(v(x, \sigma, c) - v(x, \sigma, \varnothing)\big)
+        v_A(x, \sigma, c) = v(x, \sigma, \varnothing) + g_A\,\big(v(x, \sigma, c) - v(x, \sigma, \varnothing)\big)
         \quad\text{with adapter } A \text{ active}
+
+    Guidance per role: ``guidance`` maps each adapter name (``None``: the reference) to its scale
+    :math:`g_A \ge 0`, e.g. the student at 4.5, a DiffusionNFT teacher at 1 (trained without CFG:
+    one conditional forward), a GRPO-Guard / Flow-GRPO teacher at 4.5.  Without a map every role uses
+    the scale of the batch's :class:`~scale.pipeline.ModelInputs`.  ``detach_uncond`` stops the
+    gradient through the unconditional branch (Flow-GRPO's training code); by default the gradient is
+    the exact one through both branches.
 
     Args:
         transformer: ``SD3Transformer2DModel`` carrying the adapters.
         event_shape: ``(C, H, W)`` latent shape.
         device: the transformer's device.
         dtype: the transformer's dtype (looked up once here: ``transformer.dtype`` walks every module).
+        guidance: ``{adapter or None: g}`` or ``None`` (the inputs' scale for every role).
+        detach_uncond: Flow-GRPO's detached unconditional branch.
 
     Attributes:
         state_dtype: ``torch.float32`` (kernels and stored states are float32).
+        needs_uncond: whether some role guides (``g != 1``): batches must carry the unconditional rows.
 
-    Reference: ``diffusionopd``, ``flowgrpo``.
+    Raises:
+        ValueError: a scale that is not a finite number ``>= 0`` (named with its role).
+
+    Reference: ``diffusionopd``, ``flowgrpo``, ``nft`` (CFG-free DiffusionNFT teachers).
     """
 
     state_dtype = torch.float32
 
-    def __init__(self, transformer, event_shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    def __init__(self, transformer, event_shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                 guidance: Optional[Mapping[Optional[str], float]] = None, detach_uncond: bool = False):
         self.transformer = transformer
         self.event_shape = tuple(event_shape)
         self.device = torch.device(device)
         self.dtype = dtype
         self._params: Dict[str, List[torch.nn.Parameter]] = {}
+        if guidance is not None:
+            guidance = dict(guidance)
+            for role, g in guidance.items():
+                if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                    raise ValueError(f"guidance scale of {role or 'the reference'!r} must be a finite number >= 0, "
+                                     f"got {g!r}")
+            guidance = {role: float(g) for role, g in guidance.items()}
+        self.guidance = guidance
+        self.detach_uncond = bool(detach_uncond)
+        self.needs_uncond = guidance is None or any(g != 1.0 for g in guidance.values())
+        self._active: Optional[str] = None
 
     def velocity(self, x: Tensor, sigma: float, cond: ModelInputs) -> Tensor:
-        """``(B, C, H, W)`` float32 CFG velocity of the active adapter (no validation: hot loop)."""
-        return velocity(self.transformer, x, sigma, cond, self.dtype)
+        """``(B, C, H, W)`` float32 CFG velocity of the active adapter at its role's scale (no
+        validation: hot loop)."""
+        g = None if self.guidance is None else self.guidance[self._active]
+        return velocity(self.transformer, x, sigma, cond, self.dtype, guidance_scale=g,
+                        detach_uncond=self.detach_uncond)
 
     @contextlib.contextmanager
     def active(self, adapter: Optional[str]) -> Iterator[None]:
         """Make ``adapter`` (``None``: the reference) active for the block; lazy (see the module docs)."""
+        if self.guidance is not None and adapter not in self.guidance:
+            raise ValueError(f"adapter {adapter!r} has no guidance scale; roles: {sorted(map(str, self.guidance))}")
         switch_adapter(self.transformer, adapter)
+        self._active = adapter
         yield
 
     def trainable_parameters(self, adapter: str) -> Sequence[torch.nn.Parameter]:

@@ -24,6 +24,7 @@ import torch
 
 from opd_ref.engine import ObjectiveSpec, UpdateSpec
 from scale.config import ScaleConfig
+from scale.data import PromptBatch
 from scale.policy import AccelerateCollective, SD3Policy
 
 __all__ = ["STUDENT", "RESUMABLE_CHANGES", "LOCATION_KEYS", "Task", "Setup", "build_setup", "derive_seed", "read_prompts"]
@@ -32,7 +33,7 @@ STUDENT = "student"
 # config keys that may change between an interrupted run and its --resume (they do not change what
 # an update computes)
 RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every", "keep_checkpoints",
-                     "max_heldout_kl_ratio")
+                     "max_heldout_kl_ratio", "prompt_cache")
 # where the run is, not what it computes: a run directory resumes however its path is spelled or
 # after it was moved
 LOCATION_KEYS = ("output_dir",)
@@ -47,19 +48,18 @@ def derive_seed(*parts: int) -> int:
 
 
 def read_prompts(path: str | os.PathLike, what: str) -> List[str]:
-    """Non-empty stripped lines of a prompt file.
+    """The prompts of a prompt file (:func:`scale.data.load_prompts`: ``.txt`` one per line, ``.jsonl``
+    with metadata) as a :class:`~scale.data.PromptBatch`: a list of strings whose ``metadata`` attribute
+    holds each prompt's metadata.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file has no prompt (``what`` names its role, e.g. the task).
+        ValueError: the file has no prompt or a malformed line (``what`` names its role, e.g. the task).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file for {what} not found: {str(path)!r}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file for {what} is empty (no non-blank line): {str(path)!r}")
-    return prompts
+    from scale.data import load_prompts
+
+    data = load_prompts(path, what)
+    return PromptBatch(data.prompts, data.metadata)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _tasks(cfg: ScaleConfig) -> List[Task]:
+def _tasks(cfg: ScaleConfig, device: Any = None) -> List[Task]:
     stage1 = cfg.stage1_steps > 0
     teacher_loras = cfg.teacher_loras or [""] * len(cfg.tasks)
     rewards = cfg.rewards or [""] * len(cfg.tasks)
@@ -137,7 +137,7 @@ def _tasks(cfg: ScaleConfig) -> List[Task]:
         if task.reward_spec:
             from scale.rewards import get_reward
 
-            task.reward = get_reward(task.reward_spec)
+            task.reward = get_reward(task.reward_spec, device=device)
         tasks.append(task)
     return tasks
 
@@ -251,7 +251,7 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
         raise ValueError(f"config prompt_files needs one file per task ({len(cfg.tasks)}), got {cfg.prompt_files}")
     if not cfg.model:
         raise ValueError("config model is empty: pass --model DIR_OR_HUB_ID (an SD3 / SD3.5 diffusers pipeline)")
-    tasks = _tasks(cfg)
+    tasks = _tasks(cfg, accelerator.device)
     files = cfg.heldout_prompt_files * (len(cfg.tasks) if len(cfg.heldout_prompt_files) == 1 else 1)
     # held-out prompts per task (the KL to teacher k is measured on prompts of task k)
     heldout = [read_prompts(f, f"held-out evaluation of task {t!r}") for f, t in zip(files, cfg.tasks)]
@@ -278,9 +278,18 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     _add_adapters(cfg, pipe.transformer, tasks)
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    policy = SD3Policy(pipe.transformer, (int(tcfg.in_channels), side, side), device, pipe.transformer.dtype)
-    cache = PromptCache(pipe, max_sequence_length=cfg.max_sequence_length, guidance=cfg.guidance_scale > 1)
-    cache.encode(sorted({p for t in tasks for p in t.prompts} | {p for ps in heldout for p in ps}))
+    # guidance per role: the student, each teacher as it was trained, the reference
+    guidance = {STUDENT: cfg.guidance_scale, None: cfg.reference_guidance_scale}
+    guidance.update({task.adapter: g for task, g in zip(tasks, cfg.teacher_guidance())})
+    policy = SD3Policy(pipe.transformer, (int(tcfg.in_channels), side, side), device, pipe.transformer.dtype,
+                       guidance=guidance, detach_uncond=cfg.detach_uncond)
+    cache = PromptCache(pipe, max_sequence_length=cfg.max_sequence_length, guidance=policy.needs_uncond)
+    every_prompt = sorted({p for t in tasks for p in t.prompts} | {p for ps in heldout for p in ps})
+    if cfg.prompt_cache:  # memory-mapped on disk: each process encodes its share once, all read
+        cache.attach(cfg.prompt_cache, every_prompt, accelerator.process_index, accelerator.num_processes,
+                     accelerator.wait_for_everyone)
+    else:  # in host memory (pinned on CUDA)
+        cache.encode(every_prompt)
     if device.type == "cuda":  # the text encoders (T5-XXL: ~9.5 GB in bf16) are done: offload
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:

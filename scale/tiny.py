@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_pipeline", "make_tiny_pipeline", "TINY_SIZES"]
+__all__ = ["build_tiny_pipeline", "make_tiny_pipeline", "TINY_SIZES", "make_tiny_clip", "build_tiny_rewards",
+           "TINY_CLIP_SIZES", "TINY_GENEVAL"]
 
 #: The sizes of the tiny pipeline (one place, so tests and docs can quote them).
 TINY_SIZES = {
@@ -237,3 +238,135 @@ def make_tiny_pipeline(seed: int = 0):
     for module in (transformer, vae, *text_encoders, t5):
         module.eval()
     return pipe
+
+
+#: The sizes of the tiny CLIP reward models (PickScore-like, aesthetic-like).
+TINY_CLIP_SIZES = {
+    "hidden": 32,  # text and vision widths (ViT-H/14: 1024 / 1280)
+    "layers": 2,
+    "heads": 2,
+    "projection_dim": 16,  # joint embedding width (ViT-H/14: 1024, ViT-L/14: 768)
+    "image_size": 16,  # processor resize / crop (224 for the real models)
+    "patch_size": 8,
+    "max_length": 16,  # tokenizer model_max_length (77)
+    "aesthetic_widths": (16, 32, 16, 8, 4, 1),  # the head's Linear chain (768-1024-128-64-16-1)
+}
+
+#: GenEval-style metadata lines of the tiny prompt file (Flow-GRPO's geneval/*_metadata.jsonl form).
+TINY_GENEVAL = [
+    {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1}],
+     "prompt": "a photo of a dog and a bench"},
+    {"tag": "counting", "include": [{"class": "apple", "count": 3}], "exclude": [{"class": "apple", "count": 4}],
+     "prompt": "a photo of three apples"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    {"tag": "position", "include": [{"class": "cup", "count": 1}, {"class": "book", "count": 1,
+                                                                   "position": ["left of", 0]}],
+     "prompt": "a photo of a book left of a cup"},
+    {"tag": "color_attr", "include": [{"class": "bird", "count": 1, "color": "blue"},
+                                      {"class": "vase", "count": 1, "color": "yellow"}],
+     "prompt": "a photo of a blue bird and a yellow vase"},
+]
+
+
+def make_tiny_clip(seed: int = 0):
+    r"""A tiny random-weight ``CLIPModel`` and its ``CLIPProcessor`` (byte-level BPE tokenizer from an
+    in-memory vocabulary, OpenAI normalisation constants), built from configs, ``eval()`` mode.
+
+    Its score is :math:`e^{s}\cos(e_I, e_T)` (PickScore's form) with random weights; sizes in
+    :data:`TINY_CLIP_SIZES`.
+
+    Args:
+        seed: integer seed of the weights (the global RNG state is restored).
+
+    Returns:
+        ``(model, processor)``.
+
+    Reference: ``flowgrpo`` (CLIP-based rewards).
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    s = TINY_CLIP_SIZES
+    tok = _clip_tokenizer(s["max_length"])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": s["image_size"]},
+                                         crop_size={"height": s["image_size"], "width": s["image_size"]})
+    common = dict(hidden_size=s["hidden"], intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
+                  num_attention_heads=s["heads"], hidden_act="gelu")
+    text = dict(common, vocab_size=len(tok), max_position_embeddings=s["max_length"],
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(common, image_size=s["image_size"], patch_size=s["patch_size"])
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=s["projection_dim"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+def _write_atomic_dir(out: Path, write) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out_dir must be an empty or absent directory, got {str(out)!r} (not empty)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_tiny_rewards(out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    r"""Write tiny reward-model directories and prompt files for a dry run of the reward adapters:
+
+    * ``OUT/pickscore/``: a tiny CLIP model + processor (:func:`make_tiny_clip`), the layout of a
+      ``pickscore:``, ``hpsv2:`` or ``clipscore:`` directory;
+    * ``OUT/aesthetic/``: another tiny CLIP + ``aesthetic_mlp.pth``, a random head with the LAION
+      predictor's keys ``layers.{0,2,4,6,7}`` (widths :data:`TINY_CLIP_SIZES`), the layout of an
+      ``aesthetic:`` directory;
+    * ``OUT/geneval_metadata.jsonl``: GenEval-style prompts with metadata (:data:`TINY_GENEVAL`);
+    * ``OUT/ocr_prompts.txt``: OCR-style prompts (the text to render in double quotes).
+
+    Random weights: the scores are deterministic but meaningless (for tests and dry runs only).
+
+    .. math:: r_{pick} = e^{s}\cos(e_I, e_T),\qquad r_{aes} = \mathrm{MLP}(e_I / \|e_I\|)
+
+    Args:
+        out_dir: directory to write (created; must be empty or absent).
+        seed: integer seed of the weights.
+
+    Returns:
+        ``{"pickscore": dir, "aesthetic": dir, "geneval_prompts": file, "ocr_prompts": file}`` (strings).
+
+    Raises:
+        ValueError: ``out_dir`` exists and is not empty.
+
+    Reference: ``flowgrpo`` (PickScore, aesthetic, GenEval and OCR tasks and splits).
+    """
+    import json
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    out = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        for k, name in enumerate(("pickscore", "aesthetic")):
+            model, processor = make_tiny_clip(seed + k)
+            model.save_pretrained(tmp / name)
+            processor.save_pretrained(tmp / name)
+        widths = TINY_CLIP_SIZES["aesthetic_widths"]
+        gen = torch.Generator().manual_seed(seed + 2)
+        head = {}
+        for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:])):
+            head[f"layers.{i}.weight"] = torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
+            head[f"layers.{i}.bias"] = 0.1 * torch.randn(n_out, generator=gen)
+        torch.save(head, tmp / "aesthetic" / "aesthetic_mlp.pth")
+        (tmp / "geneval_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in TINY_GENEVAL))
+        (tmp / "ocr_prompts.txt").write_text('a sign that says "open"\na poster with the text "hello world"\n'
+                                             'a mug printed with "opd"\na shop window reading "sale"\n')
+
+    _write_atomic_dir(out, write)
+    return {"pickscore": str(out / "pickscore"), "aesthetic": str(out / "aesthetic"),
+            "geneval_prompts": str(out / "geneval_metadata.jsonl"), "ocr_prompts": str(out / "ocr_prompts.txt")}

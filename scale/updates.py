@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from opd_ref.engine import DistillTask, RolloutBatch
+from scale.data import PromptBatch
 from scale.pipeline import ModelInputs, decode, model_inputs
 from scale.setup import Setup, derive_seed
 
@@ -31,24 +32,35 @@ __all__ = ["ImageReward", "condition", "generator", "prompt_indices", "distill_t
 
 class ImageReward:
     """The engine's ``reward(final_states, batch)``: decode the latents with the VAE, then the task's
-    reward ``reward(images, prompts)`` on the batch's prompts (``batch.meta``).
+    reward ``reward(images, prompts, metadata)`` on the batch's prompts (``batch.meta``, a
+    :class:`~scale.data.PromptBatch` carrying their metadata).
 
     Args:
         pipe: the pipeline (its VAE decodes).
-        reward: ``reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` (:mod:`scale.rewards`).
+        reward: ``reward(images (B, 3, H, W) in [0, 1], prompts[, metadata]) -> (B,)`` (:mod:`scale.rewards`;
+            a callable that is not a ``CheckedReward`` is wrapped in one).
     """
 
     def __init__(self, pipe, reward: Callable):
-        self.pipe, self.reward = pipe, reward
+        from scale.rewards import CheckedReward
+
+        self.pipe = pipe
+        self.reward = reward if isinstance(reward, CheckedReward) else CheckedReward(reward, repr(reward))
 
     def __call__(self, final: Tensor, batch: RolloutBatch) -> Tensor:
-        return self.reward(decode(self.pipe, final), list(batch.meta))
+        return self.reward(decode(self.pipe, final), list(batch.meta), getattr(batch.meta, "metadata", None))
 
 
 def condition(setup: Setup, prompts: Sequence[str]) -> ModelInputs:
     """The transformer inputs of ``prompts`` (cached embeddings, CFG rows, model dtype), built once per batch."""
     return model_inputs(setup.cache.encode(list(prompts)), setup.cfg.guidance_scale, setup.policy.dtype,
-                        setup.device)
+                        setup.device, with_uncond=setup.policy.needs_uncond)
+
+
+def _prompt_batch(prompts: Sequence[str], indices: Sequence[int]) -> PromptBatch:
+    """The prompts at ``indices`` with their metadata (``{}`` each for a plain list)."""
+    meta = getattr(prompts, "metadata", None)
+    return PromptBatch([prompts[i] for i in indices], None if meta is None else [meta[i] for i in indices])
 
 
 def generator(setup: Setup, *parts: int) -> torch.Generator:
@@ -70,7 +82,7 @@ def distill_tasks(setup: Setup, phase: int, update: int) -> List[DistillTask]:
         idx = prompt_indices(setup, phase, update, k, cfg.batch_size)
         batches = []
         for m in range(setup.rank, cfg.batch_size // mb, setup.world):
-            prompts = [task.prompts[i] for i in idx[m * mb : (m + 1) * mb]]
+            prompts = _prompt_batch(task.prompts, idx[m * mb : (m + 1) * mb])
             batches.append(RolloutBatch(condition(setup, prompts), mb, generator(setup, phase, update, k, m),
                                         mb / cfg.batch_size, prompts))
         out.append(DistillTask(task.adapter, batches, task.name))
@@ -85,7 +97,7 @@ def reward_groups(setup: Setup, phase: int, k: int, update: int) -> List[List[Ro
     idx = prompt_indices(setup, phase, update, k, cfg.batch_size)
     groups = []
     for p in range(setup.rank, cfg.batch_size, setup.world):
-        prompts = [task.prompts[idx[p]]] * mb
+        prompts = _prompt_batch(task.prompts, [idx[p]] * mb)
         cond = condition(setup, prompts)
         groups.append([RolloutBatch(cond, mb, generator(setup, phase, update, k, p, c),
                                     mb / (cfg.batch_size * cfg.group_size), prompts)
@@ -99,7 +111,7 @@ def heldout_tasks(setup: Setup) -> List[DistillTask]:
     mb = setup.cfg.micro_batch_size
     out = []
     for k, (task, prompts) in enumerate(zip(setup.tasks, setup.heldout)):
-        chunks = [prompts[i : i + mb] for i in range(0, len(prompts), mb)]
+        chunks = [_prompt_batch(prompts, range(i, min(i + mb, len(prompts)))) for i in range(0, len(prompts), mb)]
         batches = [RolloutBatch(condition(setup, chunks[c]), len(chunks[c]), generator(setup, 1000, 0, k, c),
                                 len(chunks[c]) / len(prompts), chunks[c])
                    for c in range(setup.rank, len(chunks), setup.world)]

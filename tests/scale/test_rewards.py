@@ -107,7 +107,9 @@ def test_module_function_and_class_loading(user_module):
 
 def test_reward_errors(user_module):
     images = _images()
-    with pytest.raises(ValueError, match="unknown reward 'pickscore'.*brightness"):
+    with pytest.raises(ValueError, match="unknown reward 'pickscor'.*brightness"):
+        get_reward("pickscor")
+    with pytest.raises(ValueError, match="'pickscore'.*adapter and needs its model directory"):
         get_reward("pickscore")
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
         get_reward("no_such_module_xyz:f")

@@ -5,6 +5,8 @@ the held-out student-teacher KL, only the student LoRA changes, the saved LoRA r
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,7 +178,7 @@ def _bad_lora(path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "foreign_lora", "empty_prompts", "unknown_reward", "missing_lora",
-                                  "cps_deterministic_step", "group_of_one"])
+                                  "cps_deterministic_step", "group_of_one", "missing_reward_dir", "wrong_reward_dir"])
 def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
     run = tmp_path / "run"
     over, err, match = {}, ValueError, None
@@ -193,6 +195,14 @@ def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
         over = {"teacher_loras": ["", workspace["teachers"][1]], "rewards": ["no_such_reward", ""], "stage1_steps": 1,
                 "group_size": 2}
         match = "no_such_reward"
+    elif case in ("missing_reward_dir", "wrong_reward_dir"):  # named with the spec, before anything is loaded
+        where = tmp_path / "no_model" if case == "missing_reward_dir" else Path(workspace["teachers"][0]).parent
+        spec = f"0.5*brightness + 0.5*pickscore:{where}"
+        over = {"teacher_loras": ["", workspace["teachers"][1]], "rewards": [spec, ""], "stage1_steps": 1,
+                "group_size": 2}
+        err = FileNotFoundError if case == "missing_reward_dir" else ValueError
+        match = re.escape(f"reward 'pickscore:{where}'") + ".*" + ("does not exist" if err is FileNotFoundError
+                                                                   else "no config.json")
     elif case == "cps_deterministic_step":  # CPS's last step has std 0: no KL to train on
         over, match = {"kernel": "cps", "noise_level": 0.5, "train_steps": [0, 2]}, "deterministic"
     elif case == "group_of_one":  # group-normalised advantages need two rollouts per prompt
@@ -201,9 +211,8 @@ def test_bad_input_clear_error_and_no_outputs(workspace, tmp_path, case):
         match = "group_size"
     elif case == "missing_lora":
         over, err, match = {"teacher_loras": [str(tmp_path / "gone"), workspace["teachers"][1]]}, FileNotFoundError, "gone"
-    cfg = tiny_config(workspace, run, **over)
-    with pytest.raises(err, match=match):
-        Trainer(cfg)
+    with pytest.raises(err, match=match):  # at config validation (reward syntax) or setup
+        Trainer(tiny_config(workspace, run, **over))
     assert not run.exists()
 
 

@@ -16,6 +16,7 @@ Reference: ``diffusionopd`` (student and teachers as LoRA adapters on one frozen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -59,6 +60,14 @@ class SD3Policy:
     def velocity(self, x: Tensor, sigma: float, cond: ModelInputs) -> Tensor:
         """``(B, C, H, W)`` float32 CFG velocity of the active adapter (no validation: hot loop)."""
         return velocity(self.transformer, x, sigma, cond, self.dtype)
+
+    def with_guidance(self, cond: ModelInputs, w: float) -> ModelInputs:
+        r"""The same batch under CFG scale :math:`w > 1`: :math:`v_\varnothing + w\,(v_c - v_\varnothing)`
+        (CRD's CFG-guided reference); needs the batch's ``[uncond; cond]`` rows."""
+        if not cond.cfg or not w > 1:
+            raise ValueError(f"with_guidance needs a CFG batch (guidance_scale > 1) and w > 1, got "
+                             f"guidance_scale={cond.guidance_scale}, w={w}")
+        return dataclasses.replace(cond, guidance_scale=float(w))
 
     @contextlib.contextmanager
     def active(self, adapter: Optional[str]) -> Iterator[None]:

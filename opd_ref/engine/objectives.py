@@ -39,6 +39,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
+from opd_ref.engine.crd_mechanisms import CRDMechanisms
 from opd_ref.engine.kernel import StepCoefficients
 from opd_ref.losses import clipped_surrogate
 
@@ -149,6 +150,7 @@ class ObjectiveSpec:
         kl_form: ``"exact"`` (the true per-step KL) or ``"flowgrpo"`` (Flow-GRPO's code: mean over
             dims, :math:`\|\Delta\|^2/(2\sigma_t^2)` without :math:`|\Delta t|`; SDE only).
         crd_beta: CRD's KL strength :math:`\beta > 0` in the implicit reward (``crd``).
+        crd: CRD's mechanisms (:class:`~opd_ref.engine.crd_mechanisms.CRDMechanisms`; ``crd``, D17).
 
     Reference: ``flowgrpo``, ``diffusionopd``.
     """
@@ -158,8 +160,11 @@ class ObjectiveSpec:
     kl_beta: float = 0.0
     kl_form: str = "exact"
     crd_beta: float = 1.0
+    crd: CRDMechanisms = CRDMechanisms()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.crd, CRDMechanisms):
+            raise TypeError(f"ObjectiveSpec.crd must be a CRDMechanisms, got {type(self.crd).__name__}")
         if self.name not in OBJECTIVES:
             raise ValueError(f"ObjectiveSpec.name must be one of {tuple(OBJECTIVES)}, got {self.name!r}")
         c = self.clip_range

@@ -165,6 +165,10 @@ def elbo_levels(n: int, dtype: torch.dtype = torch.float64) -> tuple:
 
     .. math:: (\sigma_j,\ \omega_j\,w(\sigma_j)),\qquad w(\sigma) = \frac{1-\sigma}{\sigma}
 
+    Args:
+        n: number of levels :math:`J \ge 1`.
+        dtype: dtype of the quadrature.
+
     Returns:
         a tuple of ``(sigma_j, omega_j w(sigma_j))`` float pairs.
 

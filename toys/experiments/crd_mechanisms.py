@@ -146,6 +146,40 @@ def elbo_bias(model, student, c: int, *, n: int, levels: int, draws: int, seed: 
             "corr": float(torch.corrcoef(torch.stack([est, exact]))[0, 1])}
 
 
+def figure(arr: dict, eval_steps: Sequence[int], ref: List[dict], seeds: Sequence[int], out_dir: pathlib.Path):
+    """The four panels (true reward, proxy reward, KL to the true target, drift) over training, mean over
+    seeds with a min-max band; ``arr[name][metric]`` is ``(seeds, evaluations, classes)``."""
+    names = list(arr)
+    fig, grid = plt.subplots(2, 4, figsize=(19, 8.8))
+    panels = (("true_reward", "true reward $E_\\theta[r_{true}]$"), ("proxy_reward", "proxy reward $E_\\theta[r_{proxy}]$"),
+              ("kl_target", "KL($p_\\theta\\|p^*_{true}$) [nats]"), ("drift", "drift KL($p_\\theta\\|p(\\cdot|c)$) [nats]"))
+    xs = np.array(eval_steps)
+    for row, shown in enumerate((names, [n for n in names if n != "coupled, no anchor"])):
+        for ax, (key, label) in zip(grid[row], panels):
+            for name in shown:
+                col, ls, mk = STYLES[name]
+                y = arr[name][key].mean(2)  # (S, E) class average
+                ax.plot(xs, y.mean(0), color=col, ls=ls, marker=mk, ms=4, lw=1.3, label=name)
+                if y.shape[0] > 1:
+                    ax.fill_between(xs, y.min(0), y.max(0), color=col, alpha=0.12)
+            if key in ("true_reward", "proxy_reward", "kl_target"):
+                ax.axhline(np.mean([r[key] for r in ref]), color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("CRD update")
+            ax.set_title(label + ("" if row == 0 else ", without the run-away"), fontsize=9)
+            if row == 0 and key in ("kl_target", "drift"):
+                ax.set_yscale("symlog", linthresh=1e-1)
+                ax.set_ylim(bottom=0)
+            elif row == 0 and key == "true_reward":
+                ax.set_yscale("symlog", linthresh=1.0)
+    axes = grid[0]
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, -0.005), ncol=len(names), fontsize=8, frameon=False)
+    fig.suptitle(f"D17: CRD mechanisms on the conditional toy (trained on the proxy; beta={BETA}, CFG w={GUIDANCE}, "
+                 f"KL anchor {KL_BETA}; mean over {len(seeds)} seed(s), band = min-max; grey: the reference)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.045, 1, 0.96))
+    return save(fig, out_dir, "crd_mechanisms.png")
+
+
 def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) -> dict:
     """CRD with and without each mechanism; figure ``crd_mechanisms.png``."""
     out_dir = pathlib.Path(out_dir)
@@ -195,33 +229,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
     bias4 = elbo_bias(model, st, 0, n=512, levels=4, draws=1, seed=1)
     bias16 = elbo_bias(model, st, 0, n=512, levels=16, draws=16, seed=2)
 
-    # ---- figure
+    figures = [figure(arr, eval_steps, ref, seeds, out_dir)]
     names = list(cfgs)
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
-    panels = (("true_reward", "true reward $E_\\theta[r_{true}]$"), ("proxy_reward", "proxy reward $E_\\theta[r_{proxy}]$"),
-              ("kl_target", "KL($p_\\theta\\|p^*_{true}$) [nats]"), ("drift", "drift KL($p_\\theta\\|p(\\cdot|c)$) [nats]"))
-    xs = np.array(eval_steps)
-    for ax, (key, label) in zip(axes, panels):
-        for name in names:
-            col, ls, mk = STYLES[name]
-            y = arr[name][key].mean(2)  # (S, E) class average
-            mu = y.mean(0)
-            ax.plot(xs, mu, color=col, ls=ls, marker=mk, ms=4, lw=1.3, label=name)
-            if y.shape[0] > 1:
-                ax.fill_between(xs, y.min(0), y.max(0), color=col, alpha=0.12)
-        if key in ("true_reward", "proxy_reward", "kl_target"):
-            ax.axhline(np.mean([r[key] for r in ref]), color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("CRD update")
-        ax.set_title(label, fontsize=9)
-        if key in ("kl_target", "drift"):
-            ax.set_yscale("symlog", linthresh=1e-2)
-        elif key == "true_reward":
-            ax.set_yscale("symlog", linthresh=1.0)
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"D17: CRD mechanisms on the conditional toy (trained on the proxy; beta={BETA}, CFG w={GUIDANCE}, "
-                 f"KL anchor {KL_BETA}; mean over {len(seeds)} seed(s), band = min-max; grey: the reference)", fontsize=9)
-    fig.tight_layout()
-    figures = [save(fig, out_dir, "crd_mechanisms.png")]
 
     # ---- table
     hdr = "| run | true reward | proxy reward | KL to true target | drift KL to p(.|c) | implicit-reward std |"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
-from opd_ref.engine import KERNEL_KINDS, KL_FORMS, OBJECTIVES, KernelSpec
+from opd_ref.engine import IMPLICIT_REWARDS, KERNEL_KINDS, KL_FORMS, OBJECTIVES, RATIO_REFERENCES, CRDMechanisms, KernelSpec
 from scale.lora import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
 
 __all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value", "field_docs"]
@@ -109,6 +109,13 @@ class ScaleConfig:
     teacher_loras: List[str] = knob([], "per task: diffusers LoRA file/dir (\"\" = stage 1)")
     heldout_prompt_files: List[str] = knob([], "held-out KL prompts: one file per task, or one for all ([] = off)")
     crd_beta: float = knob(1.0, "CRD KL strength beta of the implicit reward (loss = crd; uses group_size, rewards)")
+    crd_ratio_to: str = knob("reference", "CRD log-ratio against: reference (decoupled from the sampler) or sampler (coupled: theta_old)")
+    crd_guidance: float = knob(0.0, "CFG scale of CRD's reference (log-ratio and KL anchor); 0 = reference_guidance_scale, else > 1")
+    crd_kl_beta: float = knob(0.0, "CRD KL anchor: weight of the per-step KL to the (guided) reference; 0 = off")
+    crd_adaptive_kl: bool = knob(False, "CRD reward-adaptive KL: anchor weight floor + (1 - floor) x reward rank in [0, 1]")
+    crd_kl_floor: float = knob(0.01, "CRD reward-adaptive KL: the weight of the lowest-reward samples, in [0, 1]")
+    crd_implicit: str = knob("path", "CRD implicit reward: path (summed per-step log-ratio) or elbo (forward-process ELBO)")
+    crd_elbo_levels: int = knob(4, "CRD ELBO implicit reward: Gauss-Legendre noise levels per sample")
 
     # ---- durability and logging -------------------------------------------------------------
     checkpoint_every: int = knob(50, "verified checkpoint every N updates (and always on SIGTERM / Ctrl-C); 0 = only at stage ends")
@@ -163,6 +170,19 @@ class ScaleConfig:
         for spec in self.rewards:
             if spec:
                 parse_reward_spec(spec)
+        for key, allowed in (("crd_ratio_to", RATIO_REFERENCES), ("crd_implicit", IMPLICIT_REWARDS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.crd_guidance != 0 and not self.crd_guidance > 1:
+            raise ValueError(f"config crd_guidance must be 0 (reference_guidance_scale) or > 1, got {self.crd_guidance!r}")
+        if self.crd_guidance > 1 and self.guidance_scale == 1 and self.reference_guidance_scale == 1:
+            raise ValueError(f"config crd_guidance={self.crd_guidance} needs the negative prompt embeddings: "
+                             f"guidance_scale or reference_guidance_scale != 1, got {self.guidance_scale!r} and "
+                             f"{self.reference_guidance_scale!r}")
+        try:
+            self.crd_mechanisms()
+        except ValueError as err:
+            raise ValueError(f"config crd_*: {err}") from None
         if self.max_heldout_kl_ratio != 0 and not self.max_heldout_kl_ratio > 1:
             raise ValueError(f"config max_heldout_kl_ratio must be 0 (off) or > 1, got {self.max_heldout_kl_ratio!r}")
         if self.loss == "ode":
@@ -199,6 +219,11 @@ class ScaleConfig:
         """The guidance scale of each task's teacher (``teacher_guidance_scales`` expanded; 4.5 each by default)."""
         g = self.teacher_guidance_scales
         return [4.5] * len(self.tasks) if not g else g * len(self.tasks) if len(g) == 1 else list(g)
+    def crd_mechanisms(self) -> CRDMechanisms:
+        """CRD's mechanisms (the ``crd_*`` fields) as the engine's :class:`~opd_ref.engine.CRDMechanisms`."""
+        return CRDMechanisms(ratio_to=self.crd_ratio_to, guidance=self.crd_guidance if self.crd_guidance > 0 else None,
+                             kl_beta=self.crd_kl_beta, adaptive_kl=self.crd_adaptive_kl, kl_floor=self.crd_kl_floor,
+                             implicit=self.crd_implicit, elbo_levels=self.crd_elbo_levels)
 
     def kernel_spec(self) -> KernelSpec:
         """The rollout kernel: ``kernel`` and ``noise_level`` with Flow-GRPO's sigma = 1 rule (the SD3

@@ -188,12 +188,16 @@ class ModelInputs:
         guidance_scale: :math:`g`, the default scale of :func:`velocity` (a policy may pass its own
             per role).
         batch_size: ``B``.
+        guidance_override: a scale that every role uses for this batch instead of its own (``None``:
+            each role's scale); set by :meth:`scale.policy.SD3Policy.with_guidance` for CRD's
+            CFG-guided reference.
     """
 
     hidden: Tensor
     pooled: Tensor
     guidance_scale: float
     batch_size: int
+    guidance_override: Optional[float] = None
 
     @property
     def cfg(self) -> bool:

@@ -16,6 +16,7 @@ Reference: ``diffusionopd`` (student and teachers as LoRA adapters on one frozen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -85,9 +86,20 @@ class SD3Policy:
     def velocity(self, x: Tensor, sigma: float, cond: ModelInputs) -> Tensor:
         """``(B, C, H, W)`` float32 CFG velocity of the active adapter at its role's scale (no
         validation: hot loop)."""
-        g = None if self.guidance is None else self.guidance[self._active]
+        g = cond.guidance_override
+        if g is None and self.guidance is not None:
+            g = self.guidance[self._active]
         return velocity(self.transformer, x, sigma, cond, self.dtype, guidance_scale=g,
                         detach_uncond=self.detach_uncond)
+
+    def with_guidance(self, cond: ModelInputs, w: float) -> ModelInputs:
+        r"""The same batch under CFG scale :math:`w > 1`: :math:`v_\varnothing + w\,(v_c - v_\varnothing)`
+        (CRD's CFG-guided reference) for whichever adapter is active, overriding the per-role scales;
+        needs the batch's ``[uncond; cond]`` rows."""
+        if not cond.has_uncond or not w > 1:
+            raise ValueError(f"with_guidance needs a batch with the unconditional rows (some role guided) and w > 1, "
+                             f"got has_uncond={cond.has_uncond}, w={w}")
+        return dataclasses.replace(cond, guidance_override=float(w))
 
     @contextlib.contextmanager
     def active(self, adapter: Optional[str]) -> Iterator[None]:

@@ -297,7 +297,7 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
         torch.cuda.empty_cache()
     sigmas = scheduler_sigmas(pipe, cfg.num_steps, image_seq_len=(side // patch) ** 2).to(device)
     kernel, steps = cfg.kernel_spec(), tuple(cfg.train_steps)
-    spec = UpdateSpec(sigmas, kernel, ObjectiveSpec(cfg.loss, crd_beta=cfg.crd_beta), steps, cfg.max_grad_norm)
+    spec = UpdateSpec(sigmas, kernel, ObjectiveSpec(cfg.loss, crd_beta=cfg.crd_beta, crd=cfg.crd_mechanisms()), steps, cfg.max_grad_norm)
     phases = [] if cfg.loss == "crd" else [("grpo", k) for k, t in enumerate(tasks) if not t.teacher_lora]
     grpo_spec = None
     if phases:

@@ -66,6 +66,7 @@ REGISTRY: Dict[str, str] = {
     "reward_bregman": "toys.experiments.reward_bregman",
     "objective_ablation": "toys.experiments.objective_ablation",
     "reward_dmd": "toys.experiments.reward_dmd",
+    "crd_mechanisms": "toys.experiments.crd_mechanisms",
 }
 
 

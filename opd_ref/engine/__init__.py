@@ -14,6 +14,7 @@ r"""The one engine: everything from the noise draw to ``optimizer.step()``, for 
 Reference: ``diffusionopd``, ``flowgrpo``, ``crd``.
 """
 
+from opd_ref.engine.crd_mechanisms import IMPLICIT_REWARDS, RATIO_REFERENCES, CRDMechanisms
 from opd_ref.engine.kernel import KERNEL_KINDS, SIGMA_ONE_RULES, KernelSpec, StepCoefficients
 from opd_ref.engine.objectives import (
     KL_FORMS,
@@ -48,4 +49,5 @@ __all__ = [
     "NonFiniteError", "Trajectory", "Transition", "check_finite", "rollout",
     "AdvantageSpec", "DistillTask", "UpdateSpec", "crd_update", "distill_update", "grpo_update",
     "optimizer_step", "path_divergence", "policy_rollout",
+    "CRDMechanisms", "RATIO_REFERENCES", "IMPLICIT_REWARDS",
 ]

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from opd_ref.bregman import H_FAMILY, bregman_generator_surrogate
 from opd_ref.distribution_matching import distribution_matching_surrogate
+from opd_ref.engine.crd_mechanisms import CRDMechanisms
 from opd_ref.engine.kernel import StepCoefficients
 from opd_ref.losses import clipped_surrogate
 
@@ -161,6 +162,7 @@ class ObjectiveSpec:
         kl_form: ``"exact"`` (the true per-step KL) or ``"flowgrpo"`` (Flow-GRPO's code: mean over
             dims, :math:`\|\Delta\|^2/(2\sigma_t^2)` without :math:`|\Delta t|`; SDE only).
         crd_beta: CRD's KL strength :math:`\beta > 0` in the implicit reward (``crd``).
+        crd: CRD's mechanisms (:class:`~opd_ref.engine.crd_mechanisms.CRDMechanisms`; ``crd``, D17).
 
     Reference: ``flowgrpo``, ``diffusionopd``.
     """
@@ -170,8 +172,11 @@ class ObjectiveSpec:
     kl_beta: float = 0.0
     kl_form: str = "exact"
     crd_beta: float = 1.0
+    crd: CRDMechanisms = CRDMechanisms()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.crd, CRDMechanisms):
+            raise TypeError(f"ObjectiveSpec.crd must be a CRDMechanisms, got {type(self.crd).__name__}")
         if self.name not in OBJECTIVES:
             raise ValueError(f"ObjectiveSpec.name must be one of {tuple(OBJECTIVES)}, got {self.name!r}")
         c = self.clip_range

@@ -423,7 +423,10 @@ def crd_update(
         \hat r_i = \beta\sum_{n\in\mathcal T}\log\frac{\pi_\theta(x^{(i)}_{n+1}|x^{(i)}_n)}{\pi_{ref}(x^{(i)}_{n+1}|x^{(i)}_n)},
         \qquad \ell_i = \tfrac12\big[(\hat r_i - \bar{\hat r}_g) - (R_i - \bar R_g)\big]^2
 
-    (:func:`opd_ref.crd.crd_loss`, D8).  Memory stays per step: for step :math:`n` the loss is
+    (:func:`opd_ref.crd.crd_loss`, D8), with CRD's mechanisms switched by ``spec.objective.crd``
+    (:class:`~opd_ref.engine.crd_mechanisms.CRDMechanisms`, D17: the log-ratio's reference, the
+    CFG-guided reference, the KL anchor :math:`+\beta_{KL}\,\omega_i\sum_n\mathrm{KL}(\pi_\theta\|\pi^w_{ref})`,
+    reward-adaptive weights :math:`\omega_i`, the ELBO implicit reward).  Memory stays per step: for step :math:`n` the loss is
     evaluated on :math:`\hat r` whose value is the full sum at :math:`\theta_{old}` but whose gradient
     flows through step :math:`n` only; the sum over :math:`n` of these gradients is the gradient of
     the loss.
@@ -439,56 +442,107 @@ def crd_update(
         collective: sums gradients/statistics over processes.
 
     Returns:
-        statistics: ``loss``, ``reward/NAME``, ``implicit_reward_std/NAME``, ``grad_norm``.
+        statistics: ``loss``, ``reward/NAME``, ``implicit_reward_std/NAME``, ``grad_norm``; with the KL
+        anchor also ``kl_anchor/NAME`` (summed per-step KL to the reference, sample mean) and
+        ``kl_weight_mean/NAME`` (mean :math:`\omega_i`).
 
     Reference: ``crd``.
     """
     from opd_ref.crd import crd_loss, implicit_reward_from_steps
+    from opd_ref.engine.crd_mechanisms import adaptive_kl_weights, elbo_levels, elbo_term, guided_condition
 
     if spec.objective.objective.family != "crd":
         raise ValueError(f"crd_update needs the 'crd' objective, got {spec.objective.name!r}")
     K = len(tasks)
     beta = spec.objective.crd_beta
+    mech = spec.objective.crd
+    coupled, elbo, anchor = mech.ratio_to == "sampler", mech.implicit == "elbo", mech.kl_beta > 0
+    levels = elbo_levels(mech.elbo_levels) if elbo else ()
     stats: Dict[str, float] = defaultdict(float)
     for k, (groups, reward) in enumerate(tasks):
         name = names[k] if k < len(names) else str(k)
-        for group, trajs, r, _a in _group_rollouts(policy, student, groups, reward, spec, AdvantageSpec(), k):
+        for group, trajs, r, adv in _group_rollouts(policy, student, groups, reward, spec, AdvantageSpec(), k):
             gw = sum(b.weight for b in group)
-            # pass 1 (no grad): reference velocities and per-step log-ratios at theta_old
-            v_refs: List[List[Tensor]] = []
+            # pass 1 (no grad): per batch, its terms (trained steps, or ELBO levels) with the velocity they
+            # are compared with (the possibly guided reference, or theta_old when coupled) and their value
+            # at theta_old; the (guided) reference velocities at the trained steps for the KL anchor
+            terms: List[list] = []
+            v_refs: List[list] = []
             lr_rows = []
             for batch, traj in zip(group, trajs):
-                vr, lr = [], []
-                for n in spec.trained_steps:
-                    tr = traj.transition(n)
-                    v_ref = _velocity(policy, None, tr.x, tr.sigma, batch.cond)
-                    vr.append(v_ref)
-                    lr.append(spec.objective(StepInputs(tr.coef, tr.v_old, tr.v_old, tr.noise, v_ref)).loss)
+                ref_cond = guided_condition(policy, batch.cond, mech.guidance)
+                need_ref = anchor or not (elbo or coupled)
+                vr = [_velocity(policy, None, traj.transition(n).x, traj.transition(n).sigma, ref_cond) if need_ref
+                      else None for n in spec.trained_steps]
+                bt, vals = [], []
+                if elbo:
+                    x0 = traj.final
+                    for s, wgt in levels:
+                        eps = torch.randn(x0.shape, generator=batch.generator, dtype=x0.dtype, device=x0.device)
+                        xs, u = (1.0 - s) * x0 + s * eps, eps - x0
+                        v_old = _velocity(policy, student, xs, s, batch.cond)
+                        v_a = v_old if coupled else _velocity(policy, None, xs, s, ref_cond)
+                        bt.append((xs, s, v_a, u, wgt))
+                        vals.append(elbo_term(v_old, v_a, u, wgt))
+                else:
+                    for j, n in enumerate(spec.trained_steps):
+                        tr = traj.transition(n)
+                        v_a = tr.v_old if coupled else vr[j]
+                        bt.append((tr, v_a))
+                        vals.append(spec.objective(StepInputs(tr.coef, tr.v_old, tr.v_old, tr.noise, v_a)).loss)
+                terms.append(bt)
                 v_refs.append(vr)
-                lr_rows.append(torch.stack(lr, dim=1))
-            step_lr = torch.cat(lr_rows).to(torch.float64)  # (G, |T|)
+                lr_rows.append(torch.stack(vals, dim=1))
+            step_lr = torch.cat(lr_rows).to(torch.float64)  # (G, |T|) or (G, J)
             ids = torch.zeros(step_lr.shape[0], dtype=torch.long, device=step_lr.device)
             r = r.to(step_lr.device)
+            omega = (adaptive_kl_weights(torch.cat(adv).to(step_lr.device), mech.kl_floor, mech.adv_clip) if mech.adaptive_kl
+                     else torch.ones_like(r))
             with torch.no_grad():
                 r_hat = implicit_reward_from_steps(step_lr, beta)
                 stats["loss"] += float(crd_loss(r_hat, r, ids).mean()) * gw / K
                 stats[f"reward/{name}"] += float(r.mean()) * gw
                 stats[f"implicit_reward_std/{name}"] += float(r_hat.std()) * gw
-            # pass 2: per trained step, gradient through that step's log-ratio only
+                if anchor:
+                    stats[f"kl_weight_mean/{name}"] += float(omega.mean()) * gw
+
+            def crd_part(rows: slice, j: int, lr_n: Tensor) -> Tensor:
+                step_lr_n = step_lr.clone()
+                step_lr_n[rows, j] = step_lr[rows, j] + (lr_n - lr_n.detach()).to(step_lr.dtype)
+                return crd_loss(implicit_reward_from_steps(step_lr_n, beta), r, ids).mean() * (gw / K)
+
+            def anchor_part(tr, v: Tensor, v_ref: Tensor, om: Tensor, batch: RolloutBatch) -> Tensor:
+                kl = StepInputs(tr.coef, v, tr.v_old, tr.noise, v_ref).kl()
+                stats[f"kl_anchor/{name}"] += float(kl.detach().mean()) * batch.weight
+                return mech.kl_beta * (om.to(kl.dtype) * kl).mean() * (batch.weight / K)
+
+            # pass 2: per term, gradient through that term only (plus, on rollout steps, the KL anchor)
             row = 0
             for c, (batch, traj) in enumerate(zip(group, trajs)):
                 rows = slice(row, row + batch.size)
                 row += batch.size
-                for j, n in enumerate(spec.trained_steps):
-                    tr = traj.transition(n)
+                for j, term in enumerate(terms[c]):
                     with policy.active(student):
+                        if elbo:
+                            xs, s, v_a, u, wgt = term
+                            lr_n = elbo_term(policy.velocity(xs, s, batch.cond), v_a, u, wgt)
+                            _check_loss(lr_n, j, k)
+                            crd_part(rows, j, lr_n).backward()
+                            continue
+                        tr, v_a = term
                         v = policy.velocity(tr.x, tr.sigma, batch.cond)
-                        lr_n = spec.objective(StepInputs(tr.coef, v, tr.v_old, tr.noise, v_refs[c][j])).loss
-                        _check_loss(lr_n, n, k)
-                        step_lr_n = step_lr.clone()
-                        step_lr_n[rows, j] = step_lr[rows, j] + (lr_n - lr_n.detach()).to(step_lr.dtype)
-                        loss = crd_loss(implicit_reward_from_steps(step_lr_n, beta), r, ids)
-                        (loss.mean() * (gw / K)).backward()
+                        lr_n = spec.objective(StepInputs(tr.coef, v, tr.v_old, tr.noise, v_a)).loss
+                        _check_loss(lr_n, tr.index, k)
+                        loss = crd_part(rows, j, lr_n)
+                        if anchor:
+                            loss = loss + anchor_part(tr, v, v_refs[c][j], omega[rows], batch)
+                        loss.backward()
+                if elbo and anchor:
+                    for j, n in enumerate(spec.trained_steps):
+                        tr = traj.transition(n)
+                        with policy.active(student):
+                            v = policy.velocity(tr.x, tr.sigma, batch.cond)
+                            anchor_part(tr, v, v_refs[c][j], omega[rows], batch).backward()
     stats = collective.reduce(stats)
     stats["grad_norm"] = optimizer_step(policy.trainable_parameters(student), optimizer, spec.max_grad_norm, collective)
     return dict(stats)

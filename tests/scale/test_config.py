@@ -143,3 +143,14 @@ def test_loss_names_are_the_engine_methods():
             else:
                 with pytest.raises(ValueError, match="kernel"):
                     cfg.validate()
+
+
+# D17: the CRD mechanism switches are validated with the key in the message
+@pytest.mark.parametrize("over,match", [
+    ({"crd_ratio_to": "old"}, "crd_ratio_to"), ({"crd_implicit": "dsm"}, "crd_implicit"),
+    ({"crd_guidance": 0.5}, "crd_guidance"), ({"crd_guidance": 3.0, "guidance_scale": 1.0, "reference_guidance_scale": 1.0}, "crd_guidance"),
+    ({"crd_adaptive_kl": True}, "adaptive_kl"), ({"crd_kl_floor": 2.0}, "kl_floor"),
+    ({"crd_kl_beta": -1.0}, "kl_beta"), ({"crd_elbo_levels": 0}, "elbo_levels")])
+def test_bad_crd_switches_name_the_key(over, match):
+    with pytest.raises(ValueError, match=match):
+        ScaleConfig(model="m", **over).validate()

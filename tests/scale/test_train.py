@@ -279,3 +279,36 @@ def test_one_tiny_update_with_an_ablation_loss(workspace, tmp_path, loss):
     assert len(checked) == 2 * 3  # 2 tasks x 1 micro-batch x 3 trained steps
     after = {n: p.detach() for n, p in tr.named_parameters() if f".{STUDENT}." in n}
     assert any(not torch.equal(before[n], after[n]) for n in before)
+# ---- D17: CRD mechanism switches (config crd_*) on the tiny pipeline; first update: student = reference
+
+
+def _crd_run(workspace, tmp_path, **over):
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, loss="crd", tasks=["bright"], prompt_files=workspace["prompt_files"][:1],
+                      teacher_loras=[""], rewards=["brightness"], group_size=2, batch_size=1, distill_steps=1,
+                      num_steps=2, crd_beta=0.5, **over)
+    Trainer(cfg).run()
+    ups = [r for r in read_metrics(run) if r["event"] == "update"]
+    assert len(ups) == 1 and ups[0]["loss"] >= 0 and ups[0]["grad_norm"] > 0
+    return ups[0]
+
+
+@pytest.mark.parametrize("over", [{"crd_ratio_to": "sampler"}, {"crd_implicit": "elbo", "crd_elbo_levels": 2}])
+def test_implicit_reward_switches_run_and_start_at_zero(workspace, tmp_path, over):
+    """(a), (d): coupled to the sampler, or the ELBO implicit reward: 0 at theta = theta_old = reference."""
+    up = _crd_run(workspace, tmp_path, **over)
+    assert up["implicit_reward_std/bright"] == 0.0
+
+
+def test_kl_anchor_to_a_differently_guided_reference(workspace, tmp_path):
+    """(b), (c): the anchor to the reference guided at w = 7 (rollouts at 4.5) is > 0 at the first update;
+    the reward-adaptive weights lie in [floor, 1]."""
+    up = _crd_run(workspace, tmp_path, guidance_scale=4.5, crd_guidance=7.0, crd_kl_beta=0.1, crd_adaptive_kl=True,
+              crd_kl_floor=0.2)
+    assert up["kl_anchor/bright"] > 0
+    assert 0.2 <= up["kl_weight_mean/bright"] <= 1.0
+
+
+def test_kl_anchor_to_the_same_guided_reference_is_zero_at_the_start(workspace, tmp_path):
+    up = _crd_run(workspace, tmp_path, guidance_scale=4.5, crd_kl_beta=0.1)
+    assert up["kl_anchor/bright"] == 0.0

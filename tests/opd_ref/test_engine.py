@@ -262,7 +262,7 @@ def test_grpo_flowgrpo_kl_form_against_a_hand_written_formula():
 
 
 def test_objective_spec_and_registry():
-    assert METHODS == ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo", "crd")
+    assert METHODS == ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo", "crd", "grpo_guard", "nft")
     for bad, match in [({"name": "ppo"}, "name"), ({"clip_range": 0.0}, "clip_range"), ({"kl_beta": -1.0}, "kl_beta"),
                        ({"kl_form": "mean"}, "kl_form"), ({"crd_beta": 0.0}, "crd_beta")]:
         with pytest.raises(ValueError, match=match):

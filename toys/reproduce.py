@@ -48,6 +48,7 @@ REGISTRY: Dict[str, str] = {
     "crd_centering": "toys.experiments.crd_centering",
     "divergence_family": "toys.experiments.divergence_family",
     "dimo": "toys.experiments.dimo",
+    "interference": "toys.experiments.interference",
 }
 
 

@@ -11,6 +11,7 @@ from scale.train import Trainer
 from tests.scale.train_helpers import read_metrics, tiny_config, workspace  # noqa: F401  (fixtures)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo_guard", "nft"])
 def test_stage1_teacher_algorithm_runs_one_update(workspace, tmp_path, algorithm):
     run = tmp_path / "run"

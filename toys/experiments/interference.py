@@ -17,7 +17,9 @@ Methods (every update is an ``opd_ref.engine`` update; seeds stacked in one roll
   every task (the paper's Table-1 rows "X teacher");
 * ``opd[T]``: multi-task OPD (closed-form KL, round robin) from the teachers of algorithm T, whose
   training cost is added;
-* ``joint``: Flow-GRPO on each task's reward, tasks accumulated round robin (multi-task RL);
+* ``joint``: Flow-GRPO on each task's reward, tasks accumulated round robin (multi-task RL); with
+  ``--full`` also ``joint_guard`` (GRPO-Guard) and ``joint_nft`` (DiffusionNFT, one reward scale and
+  anchor weight for all tasks): multi-task RL with each teacher algorithm;
 * ``cascade``: Flow-GRPO task after task; forgetting = KL at the end minus KL at the end of the
   task's own stage.
 
@@ -39,7 +41,7 @@ import math
 import pathlib
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,11 +64,14 @@ EVAL_STEPS = 24
 NARROW = 6  #: hidden width of every model in the interference regime
 TEACHER_ALGOS = ("grpo", "grpo_guard", "nft")
 ALGO_LABEL = {"grpo": "GRPO", "grpo_guard": "GRPO-Guard", "nft": "NFT"}
+#: joint multi-task RL baselines: method -> teacher algorithm run on all tasks round robin
+JOINT = {"joint": "grpo", "joint_guard": "grpo_guard", "joint_nft": "nft"}
 NFT_BETA, NFT_CLIP = 1.0, 3.0
 #: sizes of quick and full mode
 #: (``cross``: evaluate every teacher on every task, the paper's Table-1 rows; quick mode: own task only)
-QUICK = dict(n_updates=8, n_eval=100, max_seeds=1, batch_size=16, n_evals=1, cross=False)
-FULL = dict(n_updates=40, n_eval=300, max_seeds=3, batch_size=32, n_evals=2, cross=True)
+#: (``all_joint``: also joint GRPO-Guard and joint NFT; quick mode: joint GRPO only)
+QUICK = dict(n_updates=8, n_eval=100, max_seeds=1, batch_size=16, n_evals=1, cross=False, all_joint=False)
+FULL = dict(n_updates=40, n_eval=300, max_seeds=3, batch_size=32, n_evals=2, cross=True, all_joint=True)
 LR = 0.02
 NOISE = 0.5
 
@@ -126,11 +131,15 @@ def _reward_std(setting: Setting, k: int) -> float:
     return float(setting.rewards[k](x).std())
 
 
-def _config(algo: str, setting: Setting, k: int, batch: int) -> TrainConfig:
+def _config(algo: str, setting: Setting, k: Optional[int], batch: int) -> TrainConfig:
+    """The training configuration of ``algo`` for task ``k`` (``None``: all tasks, joint training)."""
     if algo == "nft":
-        sd = _reward_std(setting, k)
         # anchor alpha = beta_nft beta_k / (S k): the fixed point is p_ref e^{r_k / beta_k} for a Gaussian p_ref
-        # and a linear reward (D18); approximate for the mixture
+        # and a linear reward whatever the scale S (D18); S only sets where the clip saturates.  Joint training
+        # shares one S (the mean of the tasks' reward stds under p_ref) and hence one alpha (equal beta_k).
+        tasks = range(setting.n_tasks) if k is None else [k]
+        sd = float(np.mean([_reward_std(setting, j) for j in tasks]))
+        k = 0 if k is None else k
         return TrainConfig(method="nft", noise_level=NOISE, batch_size=batch, lr=LR / 2, inner_updates=2,
                            kl_coef=NFT_BETA * setting.betas[k] / (sd * NFT_CLIP), nft_beta=NFT_BETA,
                            nft_reward_scale=sd, nft_reward_clip=NFT_CLIP)
@@ -177,8 +186,8 @@ def _student_run(reg: Regime, method: str, seeds: Sequence[int], teachers, n_upd
                  n_eval: int, n_evals: int) -> List[dict]:
     s, K = reg.setting, reg.setting.n_tasks
     student = _stack(reg, seeds, K, 0)
-    rl = method in ("joint", "cascade")
-    cfg = (TrainConfig(method="grpo", noise_level=NOISE, batch_size=batch, lr=LR, inner_updates=2) if rl else
+    rl = method in JOINT or method == "cascade"
+    cfg = (_config(JOINT.get(method, "grpo"), s, None, batch) if rl else
            TrainConfig(method="opd_kl", noise_level=NOISE, batch_size=batch, lr=LR))
     tr = Trainer(student, [] if rl else teachers, cfg, reference=s.p_ref, rewards=s.rewards, betas=s.betas,
                  seed=seeds[0])
@@ -262,7 +271,8 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
             logs = _student_run(reg, "opd", seeds, teachers, U, B, n_eval, cfg["n_evals"])
             res[f"opd:{algo}"] = {"kl": np.array([lg["kl"] for lg in logs]), "cost": cost + logs[0]["cost"],
                                   "seconds": secs + logs[0]["seconds"]}
-        for method in ("joint", "cascade"):
+        joint = tuple(JOINT) if cfg["all_joint"] else ("joint",)
+        for method in joint + ("cascade",):
             logs = _student_run(reg, method, seeds, None, U, B, n_eval, cfg["n_evals"])
             res[method] = {"kl": np.array([lg["kl"] for lg in logs]), "cost": logs[0]["cost"],
                            "seconds": logs[0]["seconds"], "curves": [lg["curve"] for lg in logs]}
@@ -282,8 +292,11 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
             rows.append(f"| {ALGO_LABEL[algo]} teachers, own task | " + " | ".join(_fmt(diag[:, k]) for k in range(K))
                         + f" | {_fmt(diag.mean(1))} | {m['cost']} | {m['seconds']:.1f} |")
             res[f"teacher:{algo}"]["kl"] = diag
-        for key, label in [("joint", "multi-task GRPO (joint)"), ("cascade", "cascade GRPO")] + \
+        for key, label in [("joint", "multi-task GRPO (joint)"), ("joint_guard", "multi-task GRPO-Guard (joint)"),
+                           ("joint_nft", "multi-task NFT (joint)"), ("cascade", "cascade GRPO")] + \
                           [(f"opd:{a}", f"multi-task OPD ({ALGO_LABEL[a]} teachers, cost incl. teachers)") for a in TEACHER_ALGOS]:
+            if key not in res:
+                continue
             m = res[key]
             rows.append(f"| {label} | " + " | ".join(_fmt(m["kl"][:, k]) for k in range(K))
                         + f" | {_fmt(m['kl'].mean(1))} | {m['cost']} | {m['seconds']:.1f} |")
@@ -294,7 +307,7 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
         margin = res["joint"]["kl"] - res["teacher:grpo"]["kl"]  # (S, K)
         res["margin"] = margin
         for k in range(K):
-            for key in ("joint", "cascade") + tuple(f"opd:{a}" for a in TEACHER_ALGOS) + tuple(f"teacher:{a}" for a in TEACHER_ALGOS):
+            for key in joint + ("cascade",) + tuple(f"opd:{a}" for a in TEACHER_ALGOS) + tuple(f"teacher:{a}" for a in TEACHER_ALGOS):
                 for r, seed in enumerate(seeds):
                     metrics.append({"figure": "interference", "regime": reg.name, "method": key, "seed": seed,
                                     "task": k, "kl": float(res[key]["kl"][r, k]), "forward_passes": res[key]["cost"]})
@@ -307,16 +320,20 @@ def run(out_dir: pathlib.Path, quick: bool = True, seeds: Sequence[int] = (0,)) 
                                     ("reported only (quick mode: too few updates to resolve it)" if quick else "reported only"),
                        "passed": bool(worst > 0) if asserted else True})
     # ---- figure: per-task KL per method, both regimes
-    keys = ["teacher:grpo", "teacher:grpo_guard", "teacher:nft", "joint", "cascade", "opd:grpo", "opd:grpo_guard", "opd:nft"]
-    labels = ["GRPO teachers", "GRPO-Guard teachers", "NFT teachers", "joint GRPO", "cascade GRPO",
+    keys = ["teacher:grpo", "teacher:grpo_guard", "teacher:nft", "joint", "joint_guard", "joint_nft", "cascade",
+            "opd:grpo", "opd:grpo_guard", "opd:nft"]
+    labels = ["GRPO teachers", "GRPO-Guard teachers", "NFT teachers", "joint GRPO", "joint GRPO-Guard", "joint NFT",
+              "cascade GRPO",
               "OPD (GRPO t.)", "OPD (Guard t.)", "OPD (NFT t.)"]
-    hatches = ["", "//", "..", "", "xx", "", "//", ".."]
-    colors = ["#999999", "#999999", "#999999", "#d62728", "#ff7f0e", "#1f77b4", "#1f77b4", "#1f77b4"]
+    hatches = ["", "//", "..", "", "//", "..", "xx", "", "//", ".."]
+    colors = ["#999999"] * 3 + ["#d62728"] * 3 + ["#ff7f0e"] + ["#1f77b4"] * 3
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     for ax, (name, res) in zip(axes, results.items()):
         K = res["joint"]["kl"].shape[1]
         width = 0.8 / len(keys)
         for j, (key, lab) in enumerate(zip(keys, labels)):
+            if key not in res:
+                continue
             kl = res[key]["kl"]
             ax.bar(np.arange(K + 1) + j * width, np.r_[kl.mean(0), kl.mean(1).mean()], width,
                    yerr=np.r_[kl.std(0), kl.mean(1).std()], capsize=2, color=colors[j], hatch=hatches[j],

@@ -28,6 +28,8 @@ __all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides",
 #: stage-2 losses: the engine's distillation objectives, and CRD (the student on the task rewards)
 LOSSES = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("distill", "crd"))
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: stage-1 teacher algorithms: the engine's reward objectives (grpo, grpo_guard) and DiffusionNFT (D18)
+TEACHER_ALGORITHMS = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("rl", "nft"))
 
 
 def knob(default: Any, doc: str) -> Any:
@@ -95,6 +97,8 @@ class ScaleConfig:
     kl_form: str = knob("exact", "exact = the true per-step KL; flowgrpo = Flow-GRPO code's form (mean over dims, no |dt|)")
     adv_eps: float = knob(1e-4, "epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)")
     ppo_epochs: int = knob(1, "optimisation passes over each rollout batch (ratio != 1 only when > 1)")
+    teacher_algorithm: str = knob("grpo", "stage-1 algorithm: grpo (Flow-GRPO), grpo_guard (GRPO-Guard regulated clipping), nft (DiffusionNFT, forward process; kl_beta = weight of ||v - v_ref||^2)")
+    nft_beta: float = knob(1.0, "DiffusionNFT beta of the implicit velocities v+- = v_old +- beta (v - v_old) (teacher_algorithm = nft)")
 
     # ---- stage 2: multi-teacher on-policy distillation ------------------------------------
     distill_steps: int = knob(100, "stage-2 updates; one update = one round-robin cycle over all tasks")
@@ -150,7 +154,7 @@ class ScaleConfig:
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise ValueError(f"config {key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("learning_rate", "adam_eps", "clip_range", "adv_eps", "crd_beta"):
+        for key in ("learning_rate", "adam_eps", "clip_range", "adv_eps", "crd_beta", "nft_beta"):
             val = getattr(self, key)
             if not (math.isfinite(val) and val > 0):
                 raise ValueError(f"config {key} must be a finite number > 0, got {val!r}")
@@ -187,7 +191,8 @@ class ScaleConfig:
             raise ValueError(f"config max_heldout_kl_ratio must be 0 (off) or > 1, got {self.max_heldout_kl_ratio!r}")
         if self.loss == "ode":
             raise ValueError("config loss 'ode' is now called 'opd_ode' (the engine's method name)")
-        for key, allowed in (("kernel", KERNEL_KINDS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES)):
+        for key, allowed in (("kernel", KERNEL_KINDS), ("loss", LOSSES), ("kl_form", KL_FORMS), ("dtype", DTYPES),
+                             ("teacher_algorithm", TEACHER_ALGORITHMS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key} must be one of {allowed}, got {getattr(self, key)!r}")
         try:
@@ -197,6 +202,9 @@ class ScaleConfig:
         if self.kernel not in OBJECTIVES[self.loss].kernels:
             raise ValueError(f"config loss {self.loss!r} needs kernel in {OBJECTIVES[self.loss].kernels}, "
                              f"got kernel {self.kernel!r}")
+        if self.stage1_steps > 0 and self.kernel not in OBJECTIVES[self.teacher_algorithm].kernels:
+            raise ValueError(f"config teacher_algorithm {self.teacher_algorithm!r} needs kernel in "
+                             f"{OBJECTIVES[self.teacher_algorithm].kernels}, got kernel {self.kernel!r}")
         for idx in self.train_steps:
             if not 0 <= idx < self.num_steps:
                 raise ValueError(f"config train_steps entries must lie in [0, num_steps={self.num_steps}), got {idx}")

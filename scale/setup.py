@@ -301,7 +301,8 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     phases = [] if cfg.loss == "crd" else [("grpo", k) for k, t in enumerate(tasks) if not t.teacher_lora]
     grpo_spec = None
     if phases:
-        grpo = ObjectiveSpec("grpo", clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form)
+        grpo = ObjectiveSpec(cfg.teacher_algorithm, clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form,
+                             nft_beta=cfg.nft_beta)
         grpo_spec = UpdateSpec(sigmas, kernel, grpo, steps, cfg.max_grad_norm)
     phases.append(("distill", -1))
 

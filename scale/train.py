@@ -2,7 +2,9 @@ r"""The two-stage DiffusionOPD recipe on SD3 / SD3.5, trained by the one engine 
 
 Stage 1 (optional, ``stage1_steps > 0``): one teacher LoRA per task without a teacher file, trained
 with Flow-GRPO on the task's reward (:func:`opd_ref.engine.grpo_update`: group-normalised
-advantages, the clipped ratio, plus :math:`\beta` times the per-step KL to the reference).
+advantages, the clipped ratio, plus :math:`\beta` times the per-step KL to the reference), or
+with ``teacher_algorithm`` = ``grpo_guard`` (GRPO-Guard's normalised ratio) or ``nft``
+(DiffusionNFT on the forward process, :func:`opd_ref.engine.nft_update`), D18.
 
 Stage 2: the student LoRA is distilled from all teachers on its own rollouts
 (:func:`opd_ref.engine.distill_update`): per trained step :math:`n \in \mathcal T` of a stored
@@ -34,7 +36,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from opd_ref.engine import AdvantageSpec, NonFiniteError, crd_update, distill_update, grpo_update, path_divergence
+from opd_ref.engine import (AdvantageSpec, NonFiniteError, crd_update, distill_update, grpo_update, nft_update,
+                            path_divergence)
 from scale import io
 from scale.checkpoint import StopSignal, describe, list_checkpoints
 from scale.config import ScaleConfig
@@ -96,8 +99,12 @@ class Trainer:
                               collective=s.collective, on_step=self.step_hook)
 
     def grpo_update(self, phase: int, k: int, update: int) -> Dict[str, float]:
-        """Stage 1: ``batch_size`` prompts x ``group_size`` rollouts of task ``k``'s teacher, ``ppo_epochs`` steps."""
+        """Stage 1: ``batch_size`` prompts x ``group_size`` rollouts of task ``k``'s teacher, ``ppo_epochs`` steps
+        of ``teacher_algorithm`` (Flow-GRPO, GRPO-Guard, or DiffusionNFT through :func:`opd_ref.engine.nft_update`)."""
         s, task = self.setup, self.setup.tasks[k]
+        if self.cfg.teacher_algorithm == "nft":
+            return nft_update(s.policy, task.adapter, reward_groups(s, phase, k, update), ImageReward(s.pipe, task.reward),
+                              s.grpo_spec, self.optimizer, epochs=self.cfg.ppo_epochs, collective=s.collective)
         return grpo_update(s.policy, task.adapter, reward_groups(s, phase, k, update), ImageReward(s.pipe, task.reward),
                            s.grpo_spec, self.optimizer, epochs=self.cfg.ppo_epochs,
                            advantages=AdvantageSpec(ddof=0, eps=self.cfg.adv_eps), collective=s.collective)

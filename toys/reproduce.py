@@ -67,6 +67,7 @@ REGISTRY: Dict[str, str] = {
     "objective_ablation": "toys.experiments.objective_ablation",
     "reward_dmd": "toys.experiments.reward_dmd",
     "crd_mechanisms": "toys.experiments.crd_mechanisms",
+    "interference": "toys.experiments.interference",
 }
 
 

@@ -18,6 +18,11 @@ Methods (``TrainConfig.method``, the engine's names, :data:`opd_ref.engine.METHO
               closed-form per-step KL to the reference kernel (``flowgrpo``)
 ============  ==============================================================================
 
+Teacher algorithms (:data:`TEACHER_METHODS`, D18, accepted by :class:`TrainConfig` but not swept by
+the training experiment): ``grpo_guard`` (GRPO-Guard's normalised ratio in
+:func:`opd_ref.engine.grpo_update`) and ``nft`` (:func:`opd_ref.engine.nft_update`, anchored to the
+reference with weight ``kl_coef``).
+
 Objective per task :math:`k` (D3: the path KL is the sum of per-step KLs along student rollouts)
 
 .. math::
@@ -49,6 +54,7 @@ from opd_ref.engine import (
     UpdateSpec,
     distill_update,
     grpo_update,
+    nft_update,
 )
 from opd_ref.engine.grid import sigma_grid
 from toys.policy import STUDENT, ToyPolicy, teacher_name
@@ -57,6 +63,7 @@ __all__ = [
     "METHODS",
     "ABLATION_METHODS",
     "TRAIN_METHODS",
+    "TEACHER_METHODS",
     "TrainConfig",
     "Trainer",
     "task_schedule",
@@ -67,7 +74,10 @@ METHODS = ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo")
 #: the distillation-objective ablation (D16; ``toys.experiments.objective_ablation``), also accepted
 ABLATION_METHODS = ("fwd_kl", "dmd", "bregman_kl", "bregman_reverse_kl", "bregman_pearson_chi2",
                     "bregman_jensen_shannon")
-TRAIN_METHODS = METHODS + ABLATION_METHODS
+#: reward-trained teacher algorithms besides ``grpo`` (D18)
+TEACHER_METHODS = ("grpo_guard", "nft")
+REWARD_METHODS = ("grpo",) + TEACHER_METHODS
+TRAIN_METHODS = METHODS + ABLATION_METHODS + TEACHER_METHODS
 SCHEDULES = ("round_robin", "cascade")
 
 Reward = Callable[[Tensor], Tensor]
@@ -88,6 +98,9 @@ class TrainConfig:
         group_size: GRPO group size for advantage normalisation (divides ``batch_size``; Flow-GRPO's
             normaliser, population std + 1e-4, :class:`opd_ref.engine.AdvantageSpec`).
         inner_updates: GRPO optimiser steps (PPO epochs) per batch of rollouts (ratio != 1 after the first).
+        nft_beta: DiffusionNFT's :math:`\beta` (``nft``).
+        nft_reward_scale: NFT's reward scale :math:`S` in the [0, 1] map (``None``: the batch std).
+        nft_reward_clip: NFT's clip level :math:`k` of the [0, 1] map.
     """
 
     method: str = "opd_kl"
@@ -99,6 +112,9 @@ class TrainConfig:
     kl_coef: Optional[float] = None
     group_size: int = 16
     inner_updates: int = 1
+    nft_beta: float = 1.0
+    nft_reward_scale: Optional[float] = None
+    nft_reward_clip: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
@@ -111,7 +127,7 @@ class TrainConfig:
             raise ValueError(f"noise_level must be > 0 for method {self.method!r}, got {self.noise_level!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.method == "grpo" and self.batch_size % self.group_size:
+        if self.method in REWARD_METHODS and self.batch_size % self.group_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
 
     def to_dict(self) -> dict:
@@ -167,15 +183,15 @@ class Trainer:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        if cfg.method == "grpo":
+        if cfg.method in REWARD_METHODS:
             if reference is None or rewards is None:
-                raise ValueError("method 'grpo' needs reference and rewards")
+                raise ValueError(f"method {cfg.method!r} needs reference and rewards")
             self.n_tasks = len(rewards)
         elif not teachers:
             raise ValueError(f"method {cfg.method!r} needs teachers")
         else:
             self.n_tasks = len(teachers)
-        self.policy = ToyPolicy(student, [] if cfg.method == "grpo" else teachers, reference)
+        self.policy = ToyPolicy(student, [] if cfg.method in REWARD_METHODS else teachers, reference)
         self.student, self.n_runs = student, self.policy.n_runs
         self.rewards = list(rewards or [])
         self.betas = list(betas or [1.0] * self.n_tasks)
@@ -195,13 +211,13 @@ class Trainer:
         """The engine :class:`~opd_ref.engine.UpdateSpec` of an update over ``tasks``."""
         cfg = self.cfg
         kl = 0.0
-        if cfg.method == "grpo":
+        if cfg.method in REWARD_METHODS:
             kls = {self.betas[k] if cfg.kl_coef is None else cfg.kl_coef for k in tasks}
             if len(kls) != 1:
                 raise ValueError(f"GRPO tasks of one update must share the KL coefficient, got {sorted(kls)}")
             kl = float(kls.pop())
         if kl not in self._specs:
-            objective = ObjectiveSpec(cfg.method, clip_range=cfg.clip_range, kl_beta=kl)
+            objective = ObjectiveSpec(cfg.method, clip_range=cfg.clip_range, kl_beta=kl, nft_beta=cfg.nft_beta)
             self._specs[kl] = UpdateSpec(self.sigmas, self._kernel, objective)
         return self._specs[kl]
 
@@ -221,7 +237,13 @@ class Trainer:
         ``inner_updates`` steps on the same rollouts). Returns the engine's statistics."""
         t0 = time.perf_counter()
         spec = self.spec(tasks)
-        if self.cfg.method == "grpo":
+        if self.cfg.method == "nft":
+            groups = [[self.batch(k, 1.0 / len(tasks))] for k in tasks]
+            stats = nft_update(self.policy, STUDENT, groups, self._reward, spec, self.opt,
+                               epochs=self.cfg.inner_updates, reward_scale=self.cfg.nft_reward_scale,
+                               reward_clip=self.cfg.nft_reward_clip, group_size=self.cfg.group_size)
+            self.updates += self.cfg.inner_updates
+        elif self.cfg.method in REWARD_METHODS:
             groups = [[self.batch(k, 1.0 / len(tasks))] for k in tasks]
             stats = grpo_update(self.policy, STUDENT, groups, self._reward, spec, self.opt,
                                 epochs=self.cfg.inner_updates, advantages=self.advantages)

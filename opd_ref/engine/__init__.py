@@ -7,7 +7,9 @@ r"""The one engine: everything from the noise draw to ``optimizer.step()``, for 
 * :func:`group_advantages` — the one group-advantage normaliser;
 * :func:`distill_update`, :func:`grpo_update`, :func:`crd_update` — the updates, over the
   :class:`Policy` protocol (a model provides velocities of named adapters, their parameters and a
-  context in which an adapter is active).
+  context in which an adapter is active);
+* :func:`nft_update` — DiffusionNFT (forward process); GRPO-Guard is the ``grpo_guard`` objective of
+  :func:`grpo_update` (D18).
 
 ``toys`` and ``scale`` provide only a policy, rewards and IO.
 
@@ -40,6 +42,7 @@ from opd_ref.engine.updates import (
     path_divergence,
     policy_rollout,
 )
+from opd_ref.engine.teachers import nft_update
 
 __all__ = [
     "KERNEL_KINDS", "SIGMA_ONE_RULES", "KernelSpec", "StepCoefficients",
@@ -50,4 +53,5 @@ __all__ = [
     "AdvantageSpec", "DistillTask", "UpdateSpec", "crd_update", "distill_update", "grpo_update",
     "optimizer_step", "path_divergence", "policy_rollout",
     "CRDMechanisms", "RATIO_REFERENCES", "IMPLICIT_REWARDS",
+    "nft_update",
 ]

@@ -30,14 +30,16 @@ name           per-step loss :math:`\ell` (gradient = the estimator)
 ``dmd``        DMD at the visited state: :math:`\langle\mathrm{sg}[s_\theta - s_T](x), \hat x_{0,\theta}\rangle`  ``dmd``
 ``bregman_H``  Di-Bregman on the kernel ratio :math:`r = \pi_\theta/\pi_T` at the draw, weight
                :math:`h''(r)r` (``H`` in ``kl``, ``reverse_kl``, ``pearson_chi2``, ``jensen_shannon``)  ``dibregman``
+``grpo_guard`` ``grpo`` on GRPO-Guard's normalised log-ratio (regulated clipping, D18) ``grpoguard``
+``nft``        DiffusionNFT on a forward-noised sample (the NFT update, D18)          ``diffusionnft``
 =============  ==================================================================================
 
-The last three rows are the distillation-objective ablation (derivation D16, docs page
+The ``fwd_kl``, ``dmd`` and ``bregman_H`` rows are the distillation-objective ablation (derivation D16, docs page
 ``d16-reward-dmd``): each one's expected gradient at a visited state is a positive multiple of the
 closed-form KL's gradient (same-covariance kernels), so they differ only in per-step/per-sample
 weights and in Monte-Carlo noise.
 
-Reference: ``diffusionopd``, ``flowgrpo``, ``tm-opd``, ``vopd``, ``crd``, ``dmd``, ``dibregman``.
+Reference: ``diffusionopd``, ``flowgrpo``, ``tm-opd``, ``vopd``, ``crd``, ``dmd``, ``dibregman``, ``grpoguard``, ``diffusionnft``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.engine.crd_mechanisms import CRDMechanisms
 from opd_ref.engine.kernel import StepCoefficients
 from opd_ref.losses import clipped_surrogate
+from opd_ref.teachers import guard_log_ratio, nft_loss
 
 __all__ = [
     "StepInputs",
@@ -91,7 +94,9 @@ class StepInputs:
         noise: ``(B, *event)`` the draw :math:`\varepsilon` with :math:`x' = \mu_{old} + s\varepsilon`.
         v_target: ``(B, *event)`` the teacher's (distillation) or reference's (RL, CRD) velocity at
             ``x`` (detached), or ``None``.
-        advantage: ``(B,)`` detached advantages (RL), or ``None``.
+        advantage: ``(B,)`` detached advantages (RL; NFT: the normalised reward in [0, 1]), or ``None``.
+        v_ref: ``(B, *event)`` the reference's velocity where an objective needs it besides
+            ``v_target`` (NFT's anchor), or ``None``.
     """
 
     coef: StepCoefficients
@@ -100,6 +105,7 @@ class StepInputs:
     noise: Tensor
     v_target: Optional[Tensor] = None
     advantage: Optional[Tensor] = None
+    v_ref: Optional[Tensor] = None
 
     @property
     def s(self) -> float:
@@ -163,8 +169,10 @@ class ObjectiveSpec:
             dims, :math:`\|\Delta\|^2/(2\sigma_t^2)` without :math:`|\Delta t|`; SDE only).
         crd_beta: CRD's KL strength :math:`\beta > 0` in the implicit reward (``crd``).
         crd: CRD's mechanisms (:class:`~opd_ref.engine.crd_mechanisms.CRDMechanisms`; ``crd``, D17).
+        nft_beta: DiffusionNFT's :math:`\beta > 0` of the implicit velocities (``nft``); ``nft``
+            reads ``kl_beta`` as the weight of its anchor :math:`\|v_\theta - v_{ref}\|^2`.
 
-    Reference: ``flowgrpo``, ``diffusionopd``.
+    Reference: ``flowgrpo``, ``diffusionopd``, ``diffusionnft``.
     """
 
     name: str = "opd_kl"
@@ -173,6 +181,7 @@ class ObjectiveSpec:
     kl_form: str = "exact"
     crd_beta: float = 1.0
     crd: CRDMechanisms = CRDMechanisms()
+    nft_beta: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.crd, CRDMechanisms):
@@ -188,6 +197,9 @@ class ObjectiveSpec:
         b = self.crd_beta
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
             raise ValueError(f"ObjectiveSpec.crd_beta must be a positive finite float, got {b!r}")
+        b = self.nft_beta
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
+            raise ValueError(f"ObjectiveSpec.nft_beta must be a positive finite float, got {b!r}")
         if self.kl_form not in KL_FORMS:
             raise ValueError(f"ObjectiveSpec.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
 
@@ -290,7 +302,10 @@ def _vopd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
 # ------------------------------------------------------------------------------------ RL
 @register("grpo", "rl", ("sde", "cps"), "Flow-GRPO: clipped ratio on group advantages + beta KL to the reference")
 def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
-    log_ratio = i.log_ratio_old()
+    return _clipped_rl_loss(spec, i, i.log_ratio_old())
+
+
+def _clipped_rl_loss(spec: ObjectiveSpec, i: StepInputs, log_ratio: Tensor, kl_weight: float = 1.0) -> StepLoss:
     loss = clipped_surrogate(log_ratio, i.advantage, spec.clip_range)
     ratio = torch.exp(log_ratio.detach())
     stats = {"ratio": ratio}
@@ -301,7 +316,7 @@ def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
             kl = i.kl()
         else:  # Flow-GRPO's code: mean over dims of Delta^2 / (2 std_t^2), no |dt|
             kl = i.gap().pow(2).flatten(1).mean(1) / (2.0 * i.coef.std_t**2)
-        loss = loss + spec.kl_beta * kl
+        loss = loss + (kl_weight * spec.kl_beta) * kl
         stats["kl_ref"] = kl.detach()
     return StepLoss(loss, stats)
 
@@ -349,6 +364,24 @@ def _bregman_objective(h_name: str) -> Callable[[ObjectiveSpec, StepInputs], Ste
 for _h_name in H_FAMILY:
     register(f"bregman_{_h_name}", "distill", ("sde", "cps"),
              f"Di-Bregman h={_h_name} on the step's kernel ratio pi_theta/pi_T at the draw")(_bregman_objective(_h_name))
+# ------------------------------------------------------------------------------------ teacher algorithms (D18)
+@register("grpo_guard", "rl", ("sde", "cps"), "GRPO-Guard: grpo on the normalised log-ratio (regulated clipping)")
+def _grpo_guard(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    # the step's reweighting kappa = s / |c_v| also multiplies its KL term: the whole step gradient is
+    # kappa times Flow-GRPO's at theta_old (the balance reward / KL of each step is kept)
+    kappa = i.s / abs(i.coef.c_v)
+    return _clipped_rl_loss(spec, i, guard_log_ratio(i.gap_old(), i.noise, i.s, i.coef.c_v), kappa)
+
+
+@register("nft", "nft", ("sde", "cps", "ode"), "DiffusionNFT on a forward-noised sample (+ kl_beta ||v - v_ref||^2)")
+def _nft(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
+    loss = nft_loss(i.v, i.v_old, i.v_target, i.advantage, spec.nft_beta)
+    stats = {"nft": loss.detach()}
+    if spec.kl_beta > 0:
+        anchor = _sum_event((i.v - i.v_ref).pow(2))
+        loss = loss + spec.kl_beta * anchor
+        stats["anchor"] = anchor.detach()
+    return StepLoss(loss, stats)
 
 
 METHODS = tuple(OBJECTIVES)

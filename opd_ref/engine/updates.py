@@ -88,21 +88,22 @@ class UpdateSpec:
             raise ValueError(
                 f"objective {obj.name!r} is defined for kernels {obj.kernels}, got kernel {self.kernel.kind!r}"
             )
-        if obj.name == "grpo" and self.objective.kl_form == "flowgrpo" and self.kernel.kind != "sde":
+        if obj.family == "rl" and self.objective.kl_form == "flowgrpo" and self.kernel.kind != "sde":
             raise ValueError(f"kl_form 'flowgrpo' is defined for the sde kernel only, got kernel {self.kernel.kind!r}")
         levels = self.kernel.check_grid(self.sigmas)
         coefs = [self.kernel.coefficients(s, sn) for s, sn in zip(levels, levels[1:])]
         stochastic = [n for n, c in enumerate(coefs) if c.stochastic]
         steps = tuple(int(t) for t in self.trained_steps)
+        every_level = obj.name == "opd_ode" or obj.family == "nft"  # no density needed
         if not steps:
-            steps = tuple(range(len(coefs))) if obj.name == "opd_ode" else tuple(stochastic)
+            steps = tuple(range(len(coefs))) if every_level else tuple(stochastic)
         bad = [t for t in steps if not 0 <= t < len(coefs)]
         if bad:
             raise ValueError(f"UpdateSpec.trained_steps must lie in [0, {len(coefs)}), got {bad}")
         if len(set(steps)) != len(steps):
             raise ValueError(f"UpdateSpec.trained_steps has duplicates: {list(steps)}")
         det = [t for t in steps if t not in stochastic]
-        if det and obj.name != "opd_ode":
+        if det and not every_level:
             raise ValueError(
                 f"UpdateSpec.trained_steps {det} are deterministic under kernel {self.kernel.kind!r} (std 0: no "
                 f"density, no KL), objective {obj.name!r} needs stochastic steps; stochastic steps: {stochastic}"

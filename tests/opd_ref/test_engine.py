@@ -263,7 +263,7 @@ def test_grpo_flowgrpo_kl_form_against_a_hand_written_formula():
 
 def test_objective_spec_and_registry():
     assert METHODS == ("opd_kl", "opd_ode", "ppo_opd", "k1", "vopd", "grpo", "crd", "fwd_kl", "dmd", "bregman_kl",
-                       "bregman_reverse_kl", "bregman_pearson_chi2", "bregman_jensen_shannon")
+                       "bregman_reverse_kl", "bregman_pearson_chi2", "bregman_jensen_shannon", "grpo_guard", "nft")
     for bad, match in [({"name": "ppo"}, "name"), ({"clip_range": 0.0}, "clip_range"), ({"kl_beta": -1.0}, "kl_beta"),
                        ({"kl_form": "mean"}, "kl_form"), ({"crd_beta": 0.0}, "crd_beta")]:
         with pytest.raises(ValueError, match=match):

@@ -55,8 +55,10 @@ RTOL = 1e-4
 # opd_ref.engine validates once in its specs and is tested in test_engine.py; opd_ref.dimo and
 # opd_ref.conformance (an adapter-loading CLI) landed after this table was written and are not fuzzed yet:
 # each needs its own rows (dimo: logits with extreme magnitudes, masks, beta edges); opd_ref.reward_dmd (D16)
-# likewise (its Gaussian closed forms square log-ratios: rows need magnitude-dependent scales)
-EXCLUDED_MODULES = ("opd_ref.engine", "opd_ref.dimo", "opd_ref.conformance", "opd_ref.reward_dmd")
+# likewise (its Gaussian closed forms square log-ratios: rows need magnitude-dependent scales);
+# opd_ref.teachers (D18) is the unchecked maths behind the engine's grpo_guard / nft objectives (validated
+# in ObjectiveSpec / UpdateSpec, tested in test_teachers.py); it needs its own rows too
+EXCLUDED_MODULES = ("opd_ref.engine", "opd_ref.dimo", "opd_ref.conformance", "opd_ref.reward_dmd", "opd_ref.teachers")
 MAGS = (1.0, 1.0, 1e-3, 1e3, 1e-30, 1e30)
 SIGMAS = (0.5, 0.9999, 1e-6, 1.0, 1.0 - 1e-7, 1e-7, 0.3, 0.0)
 NOISES = (0.7, 1.0, 0.0, 1e-7, 0.3, 1.5)

@@ -25,7 +25,7 @@ import torch
 from toys.gmm import GaussianMixture
 from toys.rewards import LinearReward, QuadraticReward
 
-__all__ = ["Setting", "default_setting", "TASK_NAMES"]
+__all__ = ["Setting", "default_setting", "tilted_setting", "TASK_NAMES"]
 
 TASK_NAMES = ("right (linear)", "upper-left (quadratic)", "down (linear)")
 
@@ -69,7 +69,12 @@ def default_setting() -> Setting:
         QuadraticReward(torch.tensor([-1.8, 1.8], dtype=dt), 0.6 * torch.eye(2, dtype=dt)),
         LinearReward(torch.tensor([0.3, -1.2], dtype=dt)),
     ]
-    betas = [0.5, 0.5, 0.5]
+    return tilted_setting(p_ref, rewards, [0.5, 0.5, 0.5])
+
+
+def tilted_setting(p_ref: GaussianMixture, rewards: list, betas: List[float]) -> Setting:
+    r"""The :class:`Setting` of ``p_ref`` and its tasks: exact targets :math:`p^*_k = p_{ref}e^{r_k/\beta_k}/Z_k`
+    and :math:`\log Z_k` (D7)."""
     targets, log_Z = [], []
     for r, b in zip(rewards, betas):
         tgt, lz = p_ref.tilt(r, b)

@@ -5,6 +5,7 @@ training-level identity bregman_kl == opd_kl holds to rounding (its check); the 
 import pytest
 
 from opd_ref.engine import OBJECTIVES
+from tests.toys.test_reproduce import assert_doc_target_exists
 from toys.experiments import objective_ablation as exp
 from toys.reproduce import REGISTRY
 from toys.train import ABLATION_METHODS, TrainConfig
@@ -25,7 +26,15 @@ def test_reduced_run(tmp_path, monkeypatch):
     monkeypatch.setattr(exp, "QUICK", dict(tasks=[0], max_seeds=1, single_updates=2, eval_every=1, batch_size=16,
                                            multi_updates=1, n_evals=1, n_eval=50))
     out = exp.run(tmp_path, quick=True, seeds=(0,))
-    assert set(out) == {"checks", "figures", "tables", "metrics"}
+    assert set(out) == {"checks", "figures", "tables", "metrics", "seeds", "reading", "links"}
+    assert out["seeds"] == [0]
+    # the reading quotes this run's numbers: every objective with its final single-task KL (3 significant digits)
+    final = {m: next(r["kl"] for r in reversed(out["metrics"]) if r["figure"] == "objective_ablation_single"
+                     and r["method"] == m) for m in exp.OBJECTIVES}
+    assert all(f"{m} {final[m]:.3g}" in out["reading"] for m in exp.OBJECTIVES), out["reading"]
+    assert "$" not in out["reading"] and "|" not in out["reading"]
+    for _, target in out["links"]:
+        assert_doc_target_exists(target)
     assert (tmp_path / "objective_ablation.png").is_file()
     identity = out["checks"][0]
     assert identity["name"].startswith("D16: bregman_kl") and identity["passed"], identity
@@ -47,3 +56,10 @@ def test_reward_dmd_experiment_checks_pass(tmp_path):
     reinforce = [m["reinforce_variance_b_last"] for m in out["metrics"] if "reinforce_variance_b_last" in m]
     assert len(reinforce) == 4 and min(reinforce) > 2 * hybrid
     assert (tmp_path / "reward_dmd.png").is_file()
+    assert out["seeds"] == [0]
+    # the reading quotes the measured hybrid variance and the ratio to it at every last-step std
+    assert f"variance {hybrid:.3g};" in out["reading"], out["reading"]
+    assert all(f"{v / hybrid:.3g}x that at last-step std {s}" in out["reading"] for s, v in zip(reward_dmd.S_LAST, reinforce))
+    assert "$" not in out["reading"] and "|" not in out["reading"]
+    for _, target in out["links"]:
+        assert_doc_target_exists(target)

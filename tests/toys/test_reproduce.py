@@ -1,6 +1,8 @@
 """A reduced ``opd-toys reproduce`` end to end: run directory, report, measured = analytic variances."""
 
+import ast
 import json
+import pathlib
 import re
 
 import pytest
@@ -99,6 +101,43 @@ def test_report_reading_links_and_seeds(tmp_path, monkeypatch):
         assert not href.startswith("/") and (out / href.partition("#")[0]).resolve() == expected[label].resolve()
     assert links[0][1].endswith("claims.md#claim-5")
     assert_doc_target_exists("claims.md#claim-5")
+
+
+def _run_returns(name: str) -> tuple:
+    """The ``run`` function of a registered experiment (parsed, not run) and the dict literals it returns."""
+    path = pathlib.Path(rp.__file__).resolve().parents[1] / (rp.REGISTRY[name].replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    run = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "run")
+    returns = [node.value for node in ast.walk(run) if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict)]
+    return run, returns
+
+
+def _has_formatted_value(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.FormattedValue) for n in ast.walk(node))
+
+
+@pytest.mark.parametrize("name", sorted(rp.REGISTRY))
+def test_every_experiment_returns_a_measured_reading_and_links_into_the_docs(name):
+    """Every registered experiment's ``run`` returns ``reading`` (an f-string over its results, not a fixed
+    text) and ``links`` (literal ``(label, target)`` pairs whose files and anchors exist in docs/); checked on
+    the source so that no experiment has to run (the reduced runs check the rendered readings)."""
+    run, returns = _run_returns(name)
+    assert returns, f"{name}: run returns no dict literal"
+    for ret in returns:
+        keys = {k.value: v for k, v in zip(ret.keys, ret.values) if isinstance(k, ast.Constant)}
+        assert {"reading", "links"} <= set(keys), f"{name}: returned keys {sorted(keys)}"
+        reading = keys["reading"]
+        if isinstance(reading, ast.Name):  # reading = (...) assigned in run
+            assigned = [n.value for n in ast.walk(run) if isinstance(n, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == reading.id for t in n.targets)]
+            assert assigned, f"{name}: {reading.id} is never assigned in run"
+            reading = assigned[-1]
+        assert _has_formatted_value(reading), f"{name}: the reading is not written from measured values"
+        links = ast.literal_eval(keys["links"])
+        assert links and any(target.startswith("claims.md#claim-") for _, target in links), (name, links)
+        for label, target in links:
+            assert label and isinstance(label, str), (name, label)
+            assert_doc_target_exists(target)
 
 
 def test_missing_experiment_is_reported_not_available(tmp_path, monkeypatch):

@@ -118,18 +118,6 @@ def _series(d: Tensor, coef: Callable[[int], float]) -> Tensor:
     return acc * d * d
 
 
-def _log_expm1(y: Tensor) -> Tensor:
-    r""":math:`\log(e^y - 1)` for ``y >= 1`` (no overflow)."""
-    return y + torch.log(-torch.expm1(-y))
-
-
-def _log_softplus(y: Tensor) -> Tensor:
-    r""":math:`\log\log(1 + e^y)` without underflow for very negative ``y``."""
-    tiny = y < -30.0
-    y_t, y_n = _split(tiny, y)
-    return torch.where(tiny, y_t - 0.5 * torch.exp(y_t), torch.log(torch.nn.functional.softplus(y_n)))
-
-
 def _exp_of_log(log_value: Tensor, positive: Tensor) -> Tensor:
     """``exp(log_value)`` where ``positive``, exactly 0 elsewhere (``log_value`` may be -inf there)."""
     safe = torch.where(positive, log_value, torch.zeros_like(log_value))
@@ -173,7 +161,19 @@ def _pearson_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
 def _js_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
     r"""Jensen-Shannon :math:`D`: quadrature of :math:`\tfrac12\int_0^d \sigma(\ell^*+u)(e^{d-u}-1)\,du` for
     :math:`|d| < 1`, else :math:`2D = \mathrm{sign}(d)\,(r|A| - |B|)` with
-    :math:`A = \mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)`, :math:`B = \mathrm{sp}(\ell) - \mathrm{sp}(\ell^*)` in logs."""
+    :math:`|A| = |\mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)| = \mathrm{sp}(y)`,
+    :math:`|B| = |\mathrm{sp}(\ell) - \mathrm{sp}(\ell^*)| = \mathrm{sp}(z)`, where (``hi``/``lo`` the larger and
+    smaller of :math:`\ell, \ell^*`, :math:`\delta = |d|`, :math:`L = \log(1 - e^{-\delta})`)
+
+    .. math::
+        y = -\mathrm{lo} - \mathrm{sp}(-\mathrm{hi}) + L,\qquad z = \mathrm{hi} - \mathrm{sp}(\mathrm{lo}) + L,\qquad
+        \log(r|A|) = \max(d, 0) - \mathrm{sp}(-\mathrm{hi}) + L + \big[\log\mathrm{sp}(y) - y\big].
+
+    Each is evaluated in the branch that does not subtract two large numbers: with
+    :math:`\ell = 1.5\cdot10^{28}`, :math:`\ell^* = 2\cdot10^{30}` the former
+    :math:`\ell + \log|A|` cancelled to :math:`\pm10^{21}` in float32 and gave :math:`-\infty` for
+    :math:`D \approx 10^{30}`."""
+    sp = torch.nn.functional.softplus
     d = lr - lrs
     small = d.abs() < 1.0
     d_s, d_l = _split(small, d)
@@ -184,10 +184,24 @@ def _js_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
     js_small = 0.25 * d_s * (weights * integrand).sum(-1)
     hi = torch.maximum(lr, lrs)
     lo = torch.minimum(lr, lrs)
-    log_em1 = _log_expm1(d_l.abs())
-    log_a = _log_softplus(torch.nn.functional.logsigmoid(-hi) + log_em1)
-    log_b = _log_softplus(torch.nn.functional.logsigmoid(lo) + log_em1)
-    js_large = 0.5 * torch.sign(d_l) * (torch.exp(lr + log_a) - torch.exp(log_b))
+    delta = d_l.abs()  # >= 1 where used
+    L = torch.log(-torch.expm1(-delta))
+    # y = -lo - sp(-hi) + L = delta - sp(hi) + L; the second form where sp(hi) is small (hi <= 0)
+    y = torch.where(hi > 0, -lo - sp(-hi), delta - sp(hi)) + L
+    # z = hi - sp(lo) + L = delta - sp(-lo) + L; the second form where sp(lo) ~ lo is large (lo > 0)
+    z = torch.where(lo > 0, delta - sp(-lo), hi - sp(lo)) + L
+    # log(r |A|) = log r + log sp(y): for y > 0 log sp(y) is moderate and log r is added as is; for
+    # y <= 0, log r + y = max(d, 0) - sp(-hi) + L exactly and log sp(y) - y lies in (log log 2, 0]
+    neg = y <= 0
+    y_n = torch.where(neg, y, -torch.ones_like(y))
+    y_p = torch.where(neg, torch.ones_like(y), y)
+    tiny = y_n < -30.0
+    corr = torch.where(tiny, -0.5 * torch.exp(torch.where(tiny, y_n, torch.zeros_like(y_n))),
+                       torch.log(sp(torch.where(tiny, -torch.ones_like(y_n), y_n))) - y_n)
+    log_ra = torch.where(
+        neg, torch.clamp(d_l, min=0.0) - sp(-hi) + L + corr, lr + torch.log(sp(y_p))
+    )
+    js_large = 0.5 * torch.sign(d_l) * (torch.exp(log_ra) - sp(z))
     return torch.where(small, js_small, js_large)
 
 
@@ -351,8 +365,17 @@ def bregman_generator_surrogate(
     log_ratio = check_tensor("log_ratio", log_ratio)
     if log_ratio.shape != (x_sigma.shape[0],):
         raise ValueError(f"log_ratio must have shape ({x_sigma.shape[0]},), got {tuple(log_ratio.shape)}")
-    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
+    # the weight w h''(r) r in float64: in float32, 2 r (Pearson) overflowed at log r = 89 and was
+    # rejected as a non-finite weight although the float64 surrogate is finite
+    f64 = torch.float64
+    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma.detach().to(f64))
+    if not bool((w >= 0).all()):
+        raise ValueError(f"weight must be >= 0, got min {float(w.min()):.4g}")
     w = w.reshape(-1) if w.numel() != 1 else w.reshape(())
-    return distribution_matching_surrogate(
-        x_sigma, score_fake, score_real, weight=w * h.grad_weight(log_ratio.detach())
-    )
+    grad_weight = h.grad_weight(log_ratio.detach().to(f64))
+    if not bool(torch.isfinite(grad_weight).all()):
+        raise ValueError(
+            f"log_ratio up to {float(log_ratio.abs().max()):.4g} makes the {h.name} gradient weight h''(r) r "
+            f"overflow float64 (the Di-Bregman gradient is not representable there)"
+        )
+    return distribution_matching_surrogate(x_sigma, score_fake, score_real, weight=w * grad_weight)

@@ -46,15 +46,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import opd_ref
-from opd_ref import bregman, chains, crd, distribution_matching, divergences, elbo, estimators, gopd, kernels, losses, tilting
+from opd_ref import bregman, chains, conformance, crd, distribution_matching, divergences, elbo, estimators, gopd, kernels, losses, tilting
 from opd_ref.kernels import GaussianStep
 
 F32, F64 = torch.float32, torch.float64
 RTOL = 1e-4
-# opd_ref.engine validates once in its specs and is tested in test_engine.py; opd_ref.dimo and
-# opd_ref.conformance (an adapter-loading CLI) landed after this table was written and are not fuzzed yet:
-# each needs its own rows (dimo: logits with extreme magnitudes, masks, beta edges)
-EXCLUDED_MODULES = ("opd_ref.engine", "opd_ref.dimo", "opd_ref.conformance")
+# opd_ref.engine validates once in its specs and is tested in test_engine.py
+EXCLUDED_MODULES = ("opd_ref.engine",)
 MAGS = (1.0, 1.0, 1e-3, 1e3, 1e-30, 1e30)
 SIGMAS = (0.5, 0.9999, 1e-6, 1.0, 1.0 - 1e-7, 1e-7, 0.3, 0.0)
 NOISES = (0.7, 1.0, 0.0, 1e-7, 0.3, 1.5)
@@ -153,6 +151,90 @@ def _grads_case(g):
     return Lazy(make)
 
 
+def _logits(g, L, V, mag=None):
+    return g.t(g.B, L, V, mag=mag)
+
+
+def _mask(g, L):
+    return torch.rand(g.B, L, generator=g.gen) < 0.6
+
+
+def _dimo_target(g, L, V):
+    if g.pick(["tokens", "probs"], "target_kind") == "tokens":
+        return torch.randint(V, (g.B, L), generator=g.gen)
+    return torch.softmax(g.t(g.B, L, V, mag=1.0), -1).float().double()
+
+
+def _dimo_case(g, with_generator):
+    L, V = g.pick([3, 1], "L"), g.pick([4, 2], "V")
+    args = (_logits(g, L, V), _logits(g, L, V))
+    beta = g.pick([0.0, 1.0, 0.5, 0.25], "beta")
+    if with_generator:
+        return (_logits(g, L, V),) + args + (_mask(g, L), beta), {}
+    return args + (beta,), {"mask": g.pick([None, "m"], "mask") and _mask(g, L)}
+
+
+# opd-check adapters for the conformance rows: the exact kernels and two that break the contract at once
+_ADAPTERS = "tests/opd_ref/check_adapters"
+
+
+def _step_exact(x, v, sigma, sigma_next, noise_level, x_next):
+    st = kernels.sde_step(x, v, sigma, sigma_next, noise_level)
+    return {"mean": st.mean, "std": st.std, "log_prob": divergences.gaussian_log_prob(x_next, st)}
+
+
+def _kl_exact(x, v_student, v_teacher, sigma, sigma_next, noise_level):
+    return divergences.kernel_kl(v_student, v_teacher, sigma, sigma_next, noise_level)
+
+
+def _returns_list(*args):
+    return [args[0]]
+
+
+def _check_case(g, mode):
+    """check_step / check_kl arguments; the valid ones are few (each full check takes ~2 s, memoised)."""
+    fn = g.pick([_returns_list, _step_exact if mode == "step" else _kl_exact], "adapter")
+    kw = {"noise_level": g.pick([0.7, 0.0], "noise_level"), "n_steps": g.pick([10, 1], "n_steps"),
+          "resolution": g.pick([512, 12], "resolution"), "check_grad": False, "target": None}
+    kw["clip_range" if mode == "step" else "beta"] = g.pick([0.04, -1.0], "factor")
+    return (fn,), kw
+
+
+_MEMO: Dict[tuple, Any] = {}
+
+
+def _memoised(fn):
+    """The full conformance checks are deterministic in their arguments: run each argument set once."""
+    def call(*args, **kwargs):
+        key = (fn.__name__, tuple(map(repr, args)), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in _MEMO:
+            try:
+                _MEMO[key] = (fn(*args, **kwargs), None)
+            except Exception as err:  # noqa: BLE001 - replayed below
+                _MEMO[key] = (None, err)
+        out, err = _MEMO[key]
+        if err is not None:
+            raise err
+        return out
+
+    call.__signature__ = inspect.signature(fn)
+    return call
+
+
+def _report_case(g):
+    kw = {"noise_level": 0.7, "n_steps": 10, "resolution": 512, "check_grad": False, "target": None, "beta": 0.04}
+    return (_memoised(conformance.check_kl)(_kl_exact, **kw),), {}
+
+
+def _main_case(g):
+    """Command lines that fail fast (the full runs are tested in test_conformance.py)."""
+    argv = g.pick([["kl", f"{_ADAPTERS}/missing.py:kl"], ["bogus"], ["kl", f"{_ADAPTERS}/bad.py:kl_keepdim", "--no-grad"],
+                   ["step", f"{_ADAPTERS}/bad.py:returns_list"], ["kl", f"{_ADAPTERS}/exact.py:kl", "--noise-level", "nan"],
+                   ["kl", f"{_ADAPTERS}/exact.py:kl", "--beta", "-1"], ["step", f"{_ADAPTERS}/bad.py:too_few_arguments"],
+                   ["kl", "no-colon"]], "argv")
+    return (argv,), {}
+
+
 # (args, kwargs) builders: one row per public callable
 ROWS: Dict[str, Callable[[Gen], Any]] = {
     # kernels
@@ -248,7 +330,34 @@ ROWS: Dict[str, Callable[[Gen], Any]] = {
         (_velocity, _velocity_b, x.to(dt), 4), {"generator": torch.Generator().manual_seed(seed)})),
     "gauss_legendre_sigmas": lambda g: ((g.pick([1, 4, 8], "n"),), {"dtype": F32}),
     "gauss_hermite_normal": lambda g: ((g.pick([1, 3], "n"), g.pick([1, 2], "d")), {"dtype": F32}),
+    # dimo (token logits; extreme magnitudes, masks, beta edges)
+    "generalized_jeffrey": lambda g: _dimo_case(g, False),
+    "jeffrey_logit_gradient": lambda g: _dimo_case(g, False),
+    "dimo_generator_surrogate": lambda g: _dimo_case(g, True),
+    "dimo_psi_loss": lambda g: (lambda L, V: ((_logits(g, L, V), _dimo_target(g, L, V), _mask(g, L)), {}))(
+        g.pick([3, 1], "L"), g.pick([4, 2], "V")),
+    # conformance (opd-check): argument validation and the fast paths; the report is a value
+    "AdapterError": lambda g: (("a message",), {}),
+    "sd3_sigma_grid": lambda g: ((g.pick([10, 1, 2], "n_steps"), g.pick([3.0, 1.0, 0.5], "shift"),
+                                  g.pick([1000, 1], "T")), {}),
+    "load_adapter": lambda g: ((g.pick([f"{_ADAPTERS}/exact.py:kl", f"{_ADAPTERS}/bad.py:too_few_arguments",
+                                        f"{_ADAPTERS}/missing.py:kl", f"{_ADAPTERS}/exact.py:nope",
+                                        f"{_ADAPTERS}/bad.py:NOT_A_FUNCTION", "no-colon", f"{_ADAPTERS}/exact.py:1x"], "spec"),
+                                g.pick([6, 2], "n_args")), {}),
+    "check_step": lambda g: _check_case(g, "step"),
+    "check_kl": lambda g: _check_case(g, "kl"),
+    "render_markdown": _report_case,
+    "main": _main_case,
 }
+
+# functions called through a memo (deterministic and slow), and names an error may use for an argument
+WRAPPERS = {"check_step": _memoised, "check_kl": _memoised}
+ALIASES = {
+    # the adapter's own name: "step must return a dict ...", "kl must return a (B,) tensor ..."
+    "check_step": ["step"], "check_kl": ["kl"],
+}
+# command-line entry points: argparse's usage error (SystemExit 2, message on stderr) is a clear error
+CLI = {"main"}
 
 # rows whose output is a difference of large terms: the tolerance scale is the size of those terms
 SCALES: Dict[str, Callable[[tuple, dict], float]] = {
@@ -341,11 +450,19 @@ class Failure(AssertionError):
     pass
 
 
-def _call(fn, args, kwargs):
+class _UsageExit(ValueError):
+    """argparse's exit 2 of a CLI row, as a clear error naming its argument (argv)."""
+
+
+def _call(fn, args, kwargs, cli=False):
     try:
         return fn(*args, **kwargs), None
     except (ValueError, TypeError) as err:
         return None, err
+    except SystemExit as err:
+        if cli and err.code == 2:
+            return None, _UsageExit(f"argv: usage error (exit status 2): {args!r:.80}")
+        raise
 
 
 def _check_close(name, out, ref, scale):
@@ -400,6 +517,10 @@ def _bad_values(value):
                 ("batch+1", torch.cat([value.float(), value.float()[:1]]) if value.dim() and value.shape[0] else value.float()[None])]
     elif isinstance(value, float):
         bad += [("nan", math.nan), ("inf", math.inf), ("negative", -abs(value) - 1.0)]
+    elif isinstance(value, bool):
+        bad += [("int", int(value)), ("float", float(value))]
+    elif isinstance(value, int):
+        bad += [("negative", -abs(value) - 1), ("float", value + 0.5), ("bool", True)]
     elif isinstance(value, GaussianStep):
         bad += [("tuple", (value.mean, value.std)), ("tensor", value.mean)]
     return bad
@@ -407,6 +528,8 @@ def _bad_values(value):
 
 def _run(name: str, data) -> str:
     fn = _callable(name)
+    fn = WRAPPERS[name](fn) if name in WRAPPERS else fn
+    cli = name in CLI
     g = Gen(data)
     built = ROWS[name](g)
     mode = data.draw(st.sampled_from(["f32", "f32", "f64", "mixed", "bad", "bad"]), label="mode")
@@ -437,23 +560,24 @@ def _run(name: str, data) -> str:
                 mode = f"bad:{label}"
                 ref_args, ref_kwargs = _slot_set(ref_args, ref_kwargs, sl, _cast(new, F64))
             args, kwargs = _slot_set(args, kwargs, sl, new)
-    out, err = _call(fn, args, kwargs)
+    out, err = _call(fn, args, kwargs, cli)
     if err is not None:
-        names = [mutated] if mutated is not None and mode.startswith("bad") else (params or [name])
+        every = (params or [name]) + ALIASES.get(name, [])
+        names = [mutated] if mutated is not None and mode.startswith("bad") else every
         if mode in ("bad:extra_dim", "bad:batch+1"):
-            names = params or [name]  # a shape mismatch may be reported on the argument it mismatches
+            names = every  # a shape mismatch may be reported on the argument it mismatches
         if names == [mutated] and not _names_argument(str(err), names):
             # the drawn edge case may itself be invalid: then naming any argument is right
-            _, plain_err = _call(fn, *make(F32))
+            _, plain_err = _call(fn, *make(F32), cli)
             if plain_err is not None:
-                names = params or [name]
+                names = every
         if not _names_argument(str(err), names):
             raise Failure(f"{name} [{mode}]: {type(err).__name__} names none of {names}: {err}")
         return "clear_error"
     if mode == "f64":
         _check_f64(name, out)
         return "value"
-    ref, ref_err = _call(fn, ref_args, ref_kwargs)
+    ref, ref_err = _call(fn, ref_args, ref_kwargs, cli)
     if ref_err is not None:
         raise Failure(f"{name} [{mode}]: accepted in float32 but the float64 reference raised {ref_err!r}")
     scale = SCALES[name](ref_args, ref_kwargs) if name in SCALES else None

@@ -7,6 +7,7 @@ mean :math:`\mu_T(x)` -> ``teacher_mean``, PPO ratio :math:`r = \pi_\theta/\pi_{
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -158,12 +159,15 @@ def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional
     # r A is formed as sign(A) exp(log r + log|A|), finite wherever the product is (r may overflow alone)
     zero = advantage == 0
     log_ratio = torch.where(zero, torch.zeros_like(log_ratio), log_ratio)
-    ratio = torch.exp(log_ratio)
     log_abs_adv = torch.log(torch.where(zero, torch.ones_like(advantage), advantage.abs()))
-    unclipped = torch.where(zero, torch.zeros_like(ratio), torch.sign(advantage) * torch.exp(log_ratio + log_abs_adv))
+    unclipped = torch.where(zero, torch.zeros_like(log_ratio), torch.sign(advantage) * torch.exp(log_ratio + log_abs_adv))
     if clip_range is None:
         return -unclipped
-    return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
+    # the ratio is clipped in log space: clamp(exp(log r)) had gradient 0 * exp(log r) = 0 * inf = NaN
+    # where the ratio overflows and the clip binds
+    lo = math.log(1.0 - clip_range) if clip_range < 1.0 else -math.inf
+    clipped = torch.exp(torch.clamp(log_ratio, lo, math.log1p(clip_range)))
+    return -torch.minimum(unclipped, clipped * advantage)
 
 
 def deterministic_limit_weight(sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:

@@ -653,3 +653,75 @@ def test_fuzz_public_callable(name, data):
         COUNTS["silent_or_obscure"] += 1
         raise Failure(f"{name}: obscure {type(err).__name__}: {err}") from err
     COUNTS[outcome] += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients of the differentiable losses
+
+#: the losses a trainer differentiates: every floating input is a leaf (those the function detaches
+#: on purpose get a zero gradient in both precisions)
+GRAD_ROWS = (
+    "bregman_divergence", "bregman_generator_surrogate", "distribution_matching_surrogate",
+    "k1_surrogate", "vopd_surrogate", "ppo_kl_surrogate", "pathwise_surrogate", "estimator_surrogate",
+    "ppo_surrogate_loss", "gopd_step_loss", "gopd_sample_loss", "opd_kl_loss", "same_cov_kl",
+    "kernel_kl", "kernel_log_ratio", "generalized_jeffrey", "dimo_generator_surrogate", "dimo_psi_loss",
+)
+
+
+def _leafify(obj, leaves):
+    """``obj`` with every floating tensor replaced by a fresh leaf that requires grad (listed in ``leaves``)."""
+    if isinstance(obj, torch.Tensor):
+        if not torch.is_floating_point(obj):
+            return obj
+        leaf = obj.detach().clone().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+    if isinstance(obj, GaussianStep):
+        return GaussianStep(_leafify(obj.mean, leaves), _leafify(obj.std, leaves))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_leafify(o, leaves) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _leafify(v, leaves) for k, v in obj.items()}
+    return obj
+
+
+def _gradients(fn, built, dtype):
+    """Gradients of the sum of the outputs w.r.t. every floating input, in ``dtype`` (None: no graph)."""
+    leaves: list = []
+    args, kwargs = _leafify((_cast(built[0], dtype), _cast(built[1], dtype)), leaves)
+    outs = [t for t in ([fn(*args, **kwargs)]) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not outs or not leaves:
+        return None
+    grads = torch.autograd.grad(sum(t.sum() for t in outs), leaves, allow_unused=True)
+    return [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
+
+
+@pytest.mark.parametrize("name", GRAD_ROWS)
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")))
+@given(data=st.data())
+def test_fuzz_gradient(name, data):
+    """Finite inputs give finite gradients (inf only where the float64 gradient is beyond the float32
+    range) that match the float64 autograd gradient of the same call on the same values."""
+    COUNTS["grad_cases"] += 1
+    fn = _callable(name)
+    built = ROWS[name](Gen(data))
+    mode = data.draw(st.sampled_from(["f32", "f32", "f64"]), label="mode")
+    try:
+        grads = _gradients(fn, built, F64 if mode == "f64" else F32)
+    except (ValueError, TypeError):
+        COUNTS["grad_clear_error"] += 1  # the argument checks are fuzzed above
+        return
+    except Exception as err:
+        COUNTS["grad_silent_or_obscure"] += 1
+        raise Failure(f"{name} [grad]: obscure {type(err).__name__}: {err}") from err
+    try:
+        if mode == "f64":
+            for gr in grads or []:
+                if bool(torch.isnan(gr).any()):
+                    raise Failure(f"{name} [grad f64]: NaN gradient from finite float64 inputs")
+        elif grads is not None:
+            _check_close(f"{name} [grad]", grads, _gradients(fn, built, F64), None)
+    except Failure:
+        COUNTS["grad_silent_or_obscure"] += 1
+        raise
+    COUNTS["grad_value"] += 1

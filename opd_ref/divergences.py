@@ -363,7 +363,10 @@ def kernel_log_ratio(
     # the residual x' - c_x x - c_v v_s is a difference of nearby numbers divided by a small s, and the
     # sum has D terms of both signs: both are formed in float64 (in float32 they cost 4e-5 at
     # sigma = 1e-3, D = 65536) and only the result is rounded to the inputs' precision
+    # each input is cast once, so that its gradient is accumulated in float64 and rounded once (two
+    # casts of v_student rounded two gradients beyond the float32 range to +inf and -inf: NaN)
     f64 = torch.float64
-    eps = (x_next.to(f64) - c_x * x.to(f64)) * inv_std - gain * v_student.to(f64)
-    delta64 = gain * (v_student.to(f64) - v_teacher.to(f64))
+    v_s = v_student.to(f64)
+    eps = (x_next.to(f64) - c_x * x.to(f64)) * inv_std - gain * v_s
+    delta64 = gain * (v_s - v_teacher.to(f64))
     return _sum_event(delta64 * (eps + 0.5 * delta64)).to(delta.dtype)

@@ -21,10 +21,21 @@ inside), Python floats and per-sample tensors.  Each drawn case is run in one of
 
 Any other exception, a message that names no argument, a NaN output or a mismatch is a failure.
 
-Excluded, explicitly: ``opd_ref.engine`` (its own tests; it is changing in another branch) -- see
-``EXCLUDED_MODULES``.  ``test_every_public_callable_has_a_row`` fails when a public callable has no row.
+The surface includes ``opd_ref.dimo``, ``opd_ref.conformance`` (``opd-check``: its full checks are
+memoised, ``main`` is judged by its exit status, argparse's usage exit 2 counting as a clear error, and an
+``AdapterError`` may name the adapter, ``step``/``kl``) and the validated specs of ``opd_ref.engine``.  The
+engine callables that need a Policy, an optimizer or the objective registry are named in ``NOT_FUZZED``
+with the reason (tested in test_engine.py); ``test_every_public_callable_has_a_row`` fails when any
+other public callable has no row.
 
-Set ``FUZZ_REPORT=path.json`` to write the per-outcome counts of a run.
+``test_fuzz_gradient``: for the differentiable losses (``GRAD_ROWS``), the gradient of the summed output
+w.r.t. the arguments a trainer differentiates must be free of NaN and match the float64 autograd
+gradient of the same call under the same elementwise rule (an inf of the right sign where the float64
+gradient is beyond the float32 range).
+
+Set ``FUZZ_REPORT=path.json`` to write the per-outcome counts of a run, ``FUZZ_EXAMPLES=N`` for the
+examples per callable (default 25).  Other seeds: ``pytest tests/opd_ref/test_fuzz.py --hypothesis-seed N``
+(without ``CI`` set, or with ``CI=`` now that the dev profile is explicitly not derandomised).
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ class BregmanH:
             overflow or cancellation (the family's members have one); ``None`` uses the definition
             :math:`h(r) - h(r^*) - h'(r^*)(r - r^*)`, which loses precision near :math:`r = r^*` and gives
             ``inf - inf`` where :math:`r` overflows.
+        divergence_grad: optional :math:`(\\log r, \\log r^*) \\mapsto (\\partial D/\\partial\\log r,
+            \\partial D/\\partial\\log r^*) = \\big(r\\,(h'(r) - h'(r^*)),\\ -h''(r^*)\\,r^*(r - r^*)\\big)` in a
+            stable form; with ``divergence_fn`` it is the backward pass of :func:`bregman_divergence`
+            (autograd through the stable forward gave NaN, ``inf * 0``, wherever :math:`D` overflows).
 
     Reference: ``dibregman``.
     """
@@ -82,6 +86,7 @@ class BregmanH:
     h_prime: Callable[[Tensor], Tensor]
     grad_weight: Callable[[Tensor], Tensor]
     divergence_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    divergence_grad: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
 
     def __post_init__(self) -> None:
         for field_name in ("name", "divergence"):
@@ -90,8 +95,11 @@ class BregmanH:
         for field_name in ("h", "h_prime", "grad_weight"):
             if not callable(getattr(self, field_name)):
                 raise TypeError(f"BregmanH.{field_name} must be callable, got {type(getattr(self, field_name)).__name__}")
-        if self.divergence_fn is not None and not callable(self.divergence_fn):
-            raise TypeError(f"BregmanH.divergence_fn must be callable or None, got {type(self.divergence_fn).__name__}")
+        for field_name in ("divergence_fn", "divergence_grad"):
+            if getattr(self, field_name) is not None and not callable(getattr(self, field_name)):
+                raise TypeError(
+                    f"BregmanH.{field_name} must be callable or None, got {type(getattr(self, field_name)).__name__}"
+                )
 
 
 _LOG2 = math.log(2.0)
@@ -116,18 +124,6 @@ def _series(d: Tensor, coef: Callable[[int], float]) -> Tensor:
     for n in range(_SERIES_TERMS, 1, -1):
         acc = acc * d + coef(n)
     return acc * d * d
-
-
-def _log_expm1(y: Tensor) -> Tensor:
-    r""":math:`\log(e^y - 1)` for ``y >= 1`` (no overflow)."""
-    return y + torch.log(-torch.expm1(-y))
-
-
-def _log_softplus(y: Tensor) -> Tensor:
-    r""":math:`\log\log(1 + e^y)` without underflow for very negative ``y``."""
-    tiny = y < -30.0
-    y_t, y_n = _split(tiny, y)
-    return torch.where(tiny, y_t - 0.5 * torch.exp(y_t), torch.log(torch.nn.functional.softplus(y_n)))
 
 
 def _exp_of_log(log_value: Tensor, positive: Tensor) -> Tensor:
@@ -173,7 +169,19 @@ def _pearson_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
 def _js_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
     r"""Jensen-Shannon :math:`D`: quadrature of :math:`\tfrac12\int_0^d \sigma(\ell^*+u)(e^{d-u}-1)\,du` for
     :math:`|d| < 1`, else :math:`2D = \mathrm{sign}(d)\,(r|A| - |B|)` with
-    :math:`A = \mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)`, :math:`B = \mathrm{sp}(\ell) - \mathrm{sp}(\ell^*)` in logs."""
+    :math:`|A| = |\mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)| = \mathrm{sp}(y)`,
+    :math:`|B| = |\mathrm{sp}(\ell) - \mathrm{sp}(\ell^*)| = \mathrm{sp}(z)`, where (``hi``/``lo`` the larger and
+    smaller of :math:`\ell, \ell^*`, :math:`\delta = |d|`, :math:`L = \log(1 - e^{-\delta})`)
+
+    .. math::
+        y = -\mathrm{lo} - \mathrm{sp}(-\mathrm{hi}) + L,\qquad z = \mathrm{hi} - \mathrm{sp}(\mathrm{lo}) + L,\qquad
+        \log(r|A|) = \max(d, 0) - \mathrm{sp}(-\mathrm{hi}) + L + \big[\log\mathrm{sp}(y) - y\big].
+
+    Each is evaluated in the branch that does not subtract two large numbers: with
+    :math:`\ell = 1.5\cdot10^{28}`, :math:`\ell^* = 2\cdot10^{30}` the former
+    :math:`\ell + \log|A|` cancelled to :math:`\pm10^{21}` in float32 and gave :math:`-\infty` for
+    :math:`D \approx 10^{30}`."""
+    sp = torch.nn.functional.softplus
     d = lr - lrs
     small = d.abs() < 1.0
     d_s, d_l = _split(small, d)
@@ -184,11 +192,109 @@ def _js_divergence(lr: Tensor, lrs: Tensor) -> Tensor:
     js_small = 0.25 * d_s * (weights * integrand).sum(-1)
     hi = torch.maximum(lr, lrs)
     lo = torch.minimum(lr, lrs)
-    log_em1 = _log_expm1(d_l.abs())
-    log_a = _log_softplus(torch.nn.functional.logsigmoid(-hi) + log_em1)
-    log_b = _log_softplus(torch.nn.functional.logsigmoid(lo) + log_em1)
-    js_large = 0.5 * torch.sign(d_l) * (torch.exp(lr + log_a) - torch.exp(log_b))
+    delta = d_l.abs()  # >= 1 where used
+    L = torch.log(-torch.expm1(-delta))
+    # z = hi - sp(lo) + L = delta - sp(-lo) + L; the second form where sp(lo) ~ lo is large (lo > 0)
+    z = torch.where(lo > 0, delta - sp(-lo), hi - sp(lo)) + L
+    js_large = 0.5 * torch.sign(d_l) * (torch.exp(_js_log_ra(lr, lrs)) - sp(z))
     return torch.where(small, js_small, js_large)
+
+
+def _js_log_ra(lr: Tensor, lrs: Tensor) -> Tensor:
+    r""":math:`\log(r|A|)`, :math:`|A| = |\mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)| = \mathrm{sp}(y)`, for :math:`|d| \ge 1`
+    (1 is used where :math:`|d| < 1`).  For :math:`y > 0`, :math:`\log\mathrm{sp}(y)` is moderate and
+    :math:`\log r` is added as is; for :math:`y \le 0`, :math:`\log r + y = \max(d, 0) - \mathrm{sp}(-\mathrm{hi}) + L`
+    exactly and :math:`\log\mathrm{sp}(y) - y \in (\log\log 2, 0]`."""
+    sp = torch.nn.functional.softplus
+    d = lr - lrs
+    d_l = torch.where(d.abs() < 1.0, torch.ones_like(d), d)
+    hi = torch.maximum(lr, lrs)
+    lo = torch.minimum(lr, lrs)
+    delta = d_l.abs()
+    L = torch.log(-torch.expm1(-delta))
+    y = torch.where(hi > 0, -lo - sp(-hi), delta - sp(hi)) + L
+    neg = y <= 0
+    y_n = torch.where(neg, y, -torch.ones_like(y))
+    y_p = torch.where(neg, torch.ones_like(y), y)
+    tiny = y_n < -30.0
+    corr = torch.where(tiny, -0.5 * torch.exp(torch.where(tiny, y_n, torch.zeros_like(y_n))),
+                       torch.log(sp(torch.where(tiny, -torch.ones_like(y_n), y_n))) - y_n)
+    return torch.where(neg, torch.clamp(d_l, min=0.0) - sp(-hi) + L + corr, lr + torch.log(sp(y_p)))
+
+
+def _signed_exp(sign: Tensor, log_abs: Tensor) -> Tensor:
+    """``sign * exp(log_abs)``, exactly 0 where ``sign == 0`` (``log_abs`` may be -inf or anything there)."""
+    nonzero = sign != 0
+    return torch.where(nonzero, sign * torch.exp(torch.where(nonzero, log_abs, torch.zeros_like(log_abs))),
+                       torch.zeros_like(log_abs))
+
+
+def _log_r_gap(lr: Tensor, lrs: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""``sign(d)`` and :math:`\log|r - r^*| = \max(\ell, \ell^*) + \log(1 - e^{-|d|})` (any value where d = 0)."""
+    d = lr - lrs
+    d_abs = torch.where(d != 0, d.abs(), torch.ones_like(d))
+    return torch.sign(d), torch.maximum(lr, lrs) + torch.log(-torch.expm1(-d_abs))
+
+
+def _kl_grad(lr: Tensor, lrs: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`\partial_\ell D = e^\ell d`, :math:`\partial_{\ell^*} D = -(r - r^*)`."""
+    d = lr - lrs
+    sign, log_gap = _log_r_gap(lr, lrs)
+    return _signed_exp(torch.sign(d), lr + torch.log(torch.where(d != 0, d.abs(), torch.ones_like(d)))), -_signed_exp(sign, log_gap)
+
+
+def _reverse_kl_grad(lr: Tensor, lrs: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`\partial_\ell D = e^d - 1 = -\partial_{\ell^*} D`."""
+    g = torch.expm1(lr - lrs)
+    return g, -g
+
+
+def _pearson_grad(lr: Tensor, lrs: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`\partial_\ell D = 2r(r - r^*)`, :math:`\partial_{\ell^*} D = -2r^*(r - r^*)`."""
+    sign, log_gap = _log_r_gap(lr, lrs)
+    return 2.0 * _signed_exp(sign, lr + log_gap), -2.0 * _signed_exp(sign, lrs + log_gap)
+
+
+def _js_grad(lr: Tensor, lrs: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`\partial_\ell D = \tfrac12 r A`, :math:`A = \mathrm{sp}(-\ell^*) - \mathrm{sp}(-\ell)
+    = \log(1 + \sigma(-\ell)(e^d - 1))`, so :math:`rA = \sigma(\ell)(e^d - 1)\,\frac{\log(1+u)}{u}` with
+    :math:`u = \sigma(-\ell)(e^d - 1)` for :math:`|d| < 1` (:func:`_js_log_ra` beyond);
+    :math:`\partial_{\ell^*} D = -\tfrac12\sigma(-\ell^*)(r - r^*)`, whose log is
+    :math:`\max(d, 0) - \mathrm{sp}(-\ell^*) + \log(1 - e^{-|d|})`."""
+    sp = torch.nn.functional.softplus
+    d = lr - lrs
+    small = d.abs() < 1.0
+    d_s, _ = _split(small, d)
+    em1 = torch.expm1(d_s)
+    u = torch.sigmoid(-lr) * em1
+    u_safe = torch.where(u == 0, torch.ones_like(u), u)
+    ratio = torch.where(u == 0, torch.ones_like(u), torch.log1p(u_safe) / u_safe)
+    ra_small = torch.sigmoid(lr) * em1 * ratio
+    ra_large = _signed_exp(torch.sign(d), _js_log_ra(lr, lrs))
+    d_abs = torch.where(d != 0, d.abs(), torch.ones_like(d))
+    g_star = -0.5 * _signed_exp(torch.sign(d), torch.clamp(d, min=0.0) - sp(-lrs) + torch.log(-torch.expm1(-d_abs)))
+    return 0.5 * torch.where(small, ra_small, ra_large), g_star
+
+
+class _StableBregman(torch.autograd.Function):
+    """:math:`D_h(r\\|r^*)` from ``h.divergence_fn`` with the analytic gradient ``h.divergence_grad``."""
+
+    @staticmethod
+    def forward(ctx, lr: Tensor, lrs: Tensor, h: "BregmanH") -> Tensor:
+        ctx.save_for_backward(lr, lrs)
+        ctx.h = h
+        return h.divergence_fn(lr, lrs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lr, lrs = ctx.saved_tensors
+        g_lr, g_lrs = ctx.h.divergence_grad(lr, lrs)
+        # grad_out * g with 0 where grad_out is 0 (an unused output must not turn an infinite g into NaN)
+        def chain(g: Tensor, like: Tensor) -> Tensor:
+            prod = torch.where(grad_out == 0, torch.zeros_like(g), grad_out * g)
+            return prod.to(like.dtype)
+
+        return chain(g_lr, lr), chain(g_lrs, lrs), None
 
 
 #: :math:`h = r\log r`: :math:`\mathrm{KL}(p_\theta\|p_T)`, weight 1 (DMD).
@@ -199,6 +305,7 @@ KL = BregmanH(
     h_prime=lambda lr: lr + 1.0,
     grad_weight=lambda lr: torch.ones_like(lr),
     divergence_fn=_kl_divergence,
+    divergence_grad=_kl_grad,
 )
 #: :math:`h = -\log r`: :math:`\mathrm{KL}(p_T\|p_\theta)`, weight :math:`1/r`.
 REVERSE_KL = BregmanH(
@@ -208,6 +315,7 @@ REVERSE_KL = BregmanH(
     h_prime=lambda lr: -torch.exp(-lr),
     grad_weight=lambda lr: torch.exp(-lr),
     divergence_fn=_reverse_kl_divergence,
+    divergence_grad=_reverse_kl_grad,
 )
 #: :math:`h = (r-1)^2`: Pearson :math:`\chi^2(p_\theta\|p_T)`, weight :math:`2r`.
 PEARSON_CHI2 = BregmanH(
@@ -217,6 +325,7 @@ PEARSON_CHI2 = BregmanH(
     h_prime=lambda lr: 2.0 * torch.expm1(lr),
     grad_weight=lambda lr: 2.0 * torch.exp(lr),
     divergence_fn=_pearson_divergence,
+    divergence_grad=_pearson_grad,
 )
 #: :math:`h = \tfrac12[r\log\tfrac{2r}{1+r} + \log\tfrac{2}{1+r}]`: Jensen–Shannon, weight
 #: :math:`1/(2(1+r))`.
@@ -228,6 +337,7 @@ JENSEN_SHANNON = BregmanH(
     h_prime=lambda lr: 0.5 * (_LOG2 + lr - torch.nn.functional.softplus(lr)),
     grad_weight=lambda lr: 0.5 * torch.sigmoid(-lr),
     divergence_fn=_js_divergence,
+    divergence_grad=_js_grad,
 )
 
 H_FAMILY = {h.name: h for h in (KL, REVERSE_KL, PEARSON_CHI2, JENSEN_SHANNON)}
@@ -288,6 +398,8 @@ def bregman_divergence(log_ratio: Tensor, h: Union[str, BregmanH], log_ratio_sta
                 f"log_ratio_star must have the shape of log_ratio {tuple(log_ratio.shape)}, "
                 f"got {tuple(log_ratio_star.shape)}"
             )
+    if h.divergence_fn is not None and h.divergence_grad is not None:
+        return _StableBregman.apply(log_ratio, log_ratio_star, h)
     if h.divergence_fn is not None:
         return h.divergence_fn(log_ratio, log_ratio_star)
     r_minus_rs = torch.exp(log_ratio) - torch.exp(log_ratio_star)
@@ -351,8 +463,17 @@ def bregman_generator_surrogate(
     log_ratio = check_tensor("log_ratio", log_ratio)
     if log_ratio.shape != (x_sigma.shape[0],):
         raise ValueError(f"log_ratio must have shape ({x_sigma.shape[0]},), got {tuple(log_ratio.shape)}")
-    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
+    # the weight w h''(r) r in float64: in float32, 2 r (Pearson) overflowed at log r = 89 and was
+    # rejected as a non-finite weight although the float64 surrogate is finite
+    f64 = torch.float64
+    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma.detach().to(f64))
+    if not bool((w >= 0).all()):
+        raise ValueError(f"weight must be >= 0, got min {float(w.min()):.4g}")
     w = w.reshape(-1) if w.numel() != 1 else w.reshape(())
-    return distribution_matching_surrogate(
-        x_sigma, score_fake, score_real, weight=w * h.grad_weight(log_ratio.detach())
-    )
+    grad_weight = h.grad_weight(log_ratio.detach().to(f64))
+    if not bool(torch.isfinite(grad_weight).all()):
+        raise ValueError(
+            f"log_ratio up to {float(log_ratio.abs().max()):.4g} makes the {h.name} gradient weight h''(r) r "
+            f"overflow float64 (the Di-Bregman gradient is not representable there)"
+        )
+    return distribution_matching_surrogate(x_sigma, score_fake, score_real, weight=w * grad_weight)

@@ -75,8 +75,11 @@ _STEP_KEYS = ("mean", "std", "log_prob")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-class AdapterError(Exception):
+class AdapterError(ValueError):
     r"""A usage error: the adapter cannot be loaded or called, or returns the wrong type or shape.
+
+    A ``ValueError`` (bad input to :func:`load_adapter`, :func:`check_step`, :func:`check_kl`), so that
+    callers catching bad input catch it too.
 
     ``opd-check`` prints its message and exits with status 2 (no traceback).  The checks never raise
     it for a *wrong value*: those are findings of the report.  It guards the contract
@@ -162,34 +165,36 @@ def load_adapter(spec: str, n_args: int) -> Callable:
         AdapterError: bad spec, missing file, import failure, missing or non-callable name, or a
             signature that cannot take ``n_args`` positional arguments.
     """
+    if isinstance(n_args, bool) or not isinstance(n_args, int) or n_args < 0:
+        raise TypeError(f"n_args must be an int >= 0 (the adapter's positional arguments), got {n_args!r}")
     if not isinstance(spec, str) or ":" not in spec:
-        raise AdapterError(f"the adapter must be given as FILE.py:FUNC, got {spec!r}")
+        raise AdapterError(f"the adapter spec must be given as FILE.py:FUNC, got {spec!r}")
     file, func = spec.rsplit(":", 1)
     path = Path(file)
     if not func.isidentifier():
-        raise AdapterError(f"the function name after ':' must be a Python identifier, got {func!r} in {spec!r}")
+        raise AdapterError(f"the function name after ':' must be a Python identifier, got {func!r} in spec {spec!r}")
     if not path.is_file():
-        raise AdapterError(f"adapter file not found: {file!r} (from {spec!r})")
+        raise AdapterError(f"adapter file not found: {file!r} (from spec {spec!r})")
     mod_name = f"_opd_check_adapter_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise AdapterError(f"cannot import {file!r} as a Python module (is it a .py file?)")
+        raise AdapterError(f"cannot import {file!r} of spec {spec!r} as a Python module (is it a .py file?)")
     module = importlib.util.module_from_spec(module_spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # the user's file: report, never crash
-        raise AdapterError(f"importing {file!r} failed: {type(err).__name__}: {err}") from None
+        raise AdapterError(f"importing {file!r} (spec {spec!r}) failed: {type(err).__name__}: {err}") from None
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
     if not hasattr(module, func):
         names = sorted(n for n, o in vars(module).items() if callable(o) and not n.startswith("_"))
-        raise AdapterError(f"{file!r} has no function {func!r} (callables defined there: {', '.join(names) or 'none'})")
+        raise AdapterError(f"{file!r} has no function {func!r} (spec {spec!r}; callables defined there: {', '.join(names) or 'none'})")
     fn = getattr(module, func)
     if not callable(fn):
-        raise AdapterError(f"{spec!r} is a {type(fn).__name__}, not a function")
+        raise AdapterError(f"spec {spec!r} is a {type(fn).__name__}, not a function")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -197,7 +202,7 @@ def load_adapter(spec: str, n_args: int) -> Callable:
     try:
         sig.bind(*range(n_args))
     except TypeError:
-        raise AdapterError(f"{spec!r} must accept {n_args} positional arguments, its signature is {func}{sig}") from None
+        raise AdapterError(f"spec {spec!r}: the function must accept {n_args} positional arguments (n_args), its signature is {func}{sig}") from None
     return fn
 
 
@@ -950,6 +955,15 @@ def _grid_args(noise_level, n_steps, resolution, **extra) -> dict:
     return {"noise_level": float(noise_level), "n_steps": n_steps, "resolution": resolution, **extra}
 
 
+def _check_call_args(fn: object, target: object, check_grad: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable adapter (see load_adapter), got {type(fn).__name__} {fn!r:.60}")
+    if target is not None and not isinstance(target, str):
+        raise TypeError(f"target must be a str or None (the name shown in the report), got {type(target).__name__}")
+    if not isinstance(check_grad, bool):
+        raise TypeError(f"check_grad must be a bool, got {type(check_grad).__name__} {check_grad!r}")
+
+
 def check_step(
     fn: Callable,
     *,
@@ -994,6 +1008,7 @@ def check_step(
 
     Reference: ``flowgrpo`` (SDE kernel, log-prob), ``diffusionopd`` (CPS kernel).
     """
+    _check_call_args(fn, target, check_grad)
     grid_args = _grid_args(noise_level, n_steps, resolution, clip_range=_positive("clip_range", clip_range))
     cases = _cases("step")
     runs64 = _run_all(fn, "step", cases, torch.float64)
@@ -1103,6 +1118,7 @@ def check_kl(
 
     Reference: ``diffusionopd`` (closed-form per-step KL), ``flowgrpo`` (KL to the reference).
     """
+    _check_call_args(fn, target, check_grad)
     grid_args = _grid_args(noise_level, n_steps, resolution, beta=_positive("beta", beta))
     cases = _cases("kl")
     runs64 = _run_all(fn, "kl", cases, torch.float64)
@@ -1297,6 +1313,12 @@ def render_markdown(report: dict) -> str:
 
     Reference: ``flowgrpo``, ``diffusionopd`` (the kernels checked).
     """
+    if not isinstance(report, dict) or not {"checks", "mode", "conforms", "settings"} <= set(report):
+        raise TypeError(
+            "report must be the dict returned by check_step or check_kl (keys 'mode', 'checks', 'conforms', "
+            f"'settings', ...), got {type(report).__name__}"
+            + (f" with keys {sorted(map(str, report))[:8]}" if isinstance(report, dict) else "")
+        )
     names = report["checks"]
     n_diff = sum(report[n]["status"] == "differs" for n in names)
     target = f" `{report['target']}`" if report.get("target") else ""
@@ -1380,6 +1402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Reference: ``flowgrpo``, ``diffusionopd``.
     """
+    if argv is not None and (isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence)
+                             or not all(isinstance(arg, str) for arg in argv)):
+        raise TypeError(f"argv must be None or a sequence of str (the command line without the program name), got {argv!r:.80}")
     args = _parser().parse_args(argv)
     try:
         _grid_args(args.noise_level, args.steps, args.resolution)

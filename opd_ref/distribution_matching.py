@@ -67,13 +67,14 @@ def distribution_matching_surrogate(
     score_real = check_tensor("score_real", score_real)
     check_same_shape("x_sigma", x_sigma, "score_fake", score_fake)
     check_same_shape("x_sigma", x_sigma, "score_real", score_real)
-    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma)
+    # the weight and <direction, x> in float64, rounded to the output dtype once: in float32, terms of
+    # 1e30 x 1e30 of both signs overflowed to inf - inf = NaN although the product is just beyond the
+    # float range, and a weight beyond the float32 range (Di-Bregman's 2 r at log r = 100) became inf
+    f64 = torch.float64
+    w = as_batch_tensor("weight", weight.detach() if isinstance(weight, Tensor) else weight, x_sigma.detach().to(f64))
     if not bool((w >= 0).all()):
         raise ValueError(f"weight must be >= 0, got min {float(w.min()):.4g}")
-    # <direction, x> in float64, rounded to the output dtype once: in float32, terms of 1e30 x 1e30 of
-    # both signs overflowed to inf - inf = NaN although the product is just beyond the float range
-    f64 = torch.float64
-    direction = (w.detach().to(f64) * (score_fake.detach().to(f64) - score_real.detach().to(f64))).flatten(1)
+    direction = (w * (score_fake.detach().to(f64) - score_real.detach().to(f64))).flatten(1)
     dtype = torch.promote_types(torch.promote_types(x_sigma.dtype, score_fake.dtype), score_real.dtype)
     return (direction * x_sigma.to(f64).flatten(1)).sum(dim=1).to(dtype)
 

@@ -19,7 +19,6 @@ from opd_ref._checks import (
     check_same_shape,
     check_tensor,
     mean_event,
-    promote,
     sum_event,
 )
 from opd_ref.kernels import GaussianStep, _coefficients_f64, _mean_coefficients
@@ -42,18 +41,37 @@ _sum_event = sum_event
 _mean_event = mean_event
 
 
-def _as_std(name: str, std: object, mean: Tensor) -> Tensor:
-    """A strictly positive std broadcast to ``mean``.
+def _compute_dtype(*objs: object) -> torch.dtype:
+    """The dtype a KL is computed in: the promotion of the floating tensors among ``objs``, at least float32.
+
+    Python-float stds take no part (they are exact numbers, not rounded inputs) and half-precision
+    inputs are computed in float32.
+    """
+    dtype = torch.float32
+    for o in objs:
+        if isinstance(o, Tensor) and torch.is_floating_point(o):
+            dtype = torch.promote_types(dtype, o.dtype)
+    return dtype
+
+
+def _as_std(name: str, std: object, mean: Tensor, dtype: torch.dtype) -> Tensor:
+    """A strictly positive std broadcast to ``mean``, in the computing ``dtype``.
 
     Floats and 0-d tensors are shared by all samples; a 1-D tensor of length ``B`` is read as one std
     per sample (``(B,)`` -> ``(B, 1, ..., 1)``) whenever ``mean`` has event dims, never as a per-dim
     std; any other tensor must broadcast to ``mean`` (e.g. ``(B, 1, ..., 1)`` or ``(B, *event)``).
+    A Python float is converted in ``dtype`` directly (before, it was rounded to the mean's dtype: a
+    float std 1e-3 of a float32 mean against the same float std of a float64 mean gave a KL of 4.5e-15
+    instead of 0).
     """
     if isinstance(std, bool) or not isinstance(std, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(std).__name__}")
+    like = torch.empty(mean.shape, dtype=dtype, device=mean.device)
+    if isinstance(std, Tensor) and torch.is_floating_point(std):
+        std = std.to(dtype)
     if not isinstance(std, Tensor) or std.dim() == 0 or (std.dim() == 1 and mean.dim() > 1):
-        std = as_batch_tensor(name, std, mean)
-    return check_positive_std(name, std, mean)
+        std = as_batch_tensor(name, std, like)
+    return check_positive_std(name, std, like)
 
 
 def _log_prob_terms(x_next: Tensor, step: GaussianStep) -> Tensor:
@@ -156,8 +174,9 @@ def same_cov_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    std = _as_std("std", std, mean_p)
-    mean_p, mean_q, std = promote(mean_p, mean_q, std)
+    dtype = _compute_dtype(mean_p, mean_q, std)
+    std = _as_std("std", std, mean_p, dtype)
+    mean_p, mean_q = mean_p.to(dtype), mean_q.to(dtype)
     return 0.5 * _sum_event(((mean_p - mean_q) / std) ** 2)
 
 
@@ -184,9 +203,10 @@ def diag_gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tenso
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    std_p = _as_std("std_p", std_p, mean_p)
-    std_q = _as_std("std_q", std_q, mean_q)
-    mean_p, std_p, mean_q, std_q = promote(mean_p, std_p, mean_q, std_q)
+    dtype = _compute_dtype(mean_p, std_p, mean_q, std_q)
+    std_p = _as_std("std_p", std_p, mean_p, dtype)
+    std_q = _as_std("std_q", std_q, mean_q, dtype)
+    mean_p, mean_q = mean_p.to(dtype), mean_q.to(dtype)
     log_ratio = torch.log(std_q) - torch.log(std_p)  # log(s_q / s_p)
     # s_p^2/(2 s_q^2) - 1/2 = expm1(-2 log_ratio) / 2, exact 0 when the stds agree
     terms = log_ratio + 0.5 * torch.expm1(-2.0 * log_ratio) + 0.5 * ((mean_p - mean_q) / std_q) ** 2
@@ -215,8 +235,9 @@ def flowgrpo_step_kl(mean_p: Tensor, mean_q: Tensor, std_t: Tensor | float) -> T
     mean_p = check_tensor("mean_p", mean_p)
     mean_q = check_tensor("mean_q", mean_q)
     check_same_shape("mean_p", mean_p, "mean_q", mean_q)
-    std_t = _as_std("std_t", std_t, mean_p)
-    mean_p, mean_q, std_t = promote(mean_p, mean_q, std_t)
+    dtype = _compute_dtype(mean_p, mean_q, std_t)
+    std_t = _as_std("std_t", std_t, mean_p, dtype)
+    mean_p, mean_q = mean_p.to(dtype), mean_q.to(dtype)
     return 0.5 * _mean_event(((mean_p - mean_q) / std_t) ** 2)
 
 
@@ -342,7 +363,10 @@ def kernel_log_ratio(
     # the residual x' - c_x x - c_v v_s is a difference of nearby numbers divided by a small s, and the
     # sum has D terms of both signs: both are formed in float64 (in float32 they cost 4e-5 at
     # sigma = 1e-3, D = 65536) and only the result is rounded to the inputs' precision
+    # each input is cast once, so that its gradient is accumulated in float64 and rounded once (two
+    # casts of v_student rounded two gradients beyond the float32 range to +inf and -inf: NaN)
     f64 = torch.float64
-    eps = (x_next.to(f64) - c_x * x.to(f64)) * inv_std - gain * v_student.to(f64)
-    delta64 = gain * (v_student.to(f64) - v_teacher.to(f64))
+    v_s = v_student.to(f64)
+    eps = (x_next.to(f64) - c_x * x.to(f64)) * inv_std - gain * v_s
+    delta64 = gain * (v_s - v_teacher.to(f64))
     return _sum_event(delta64 * (eps + 0.5 * delta64)).to(delta.dtype)

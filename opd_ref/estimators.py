@@ -102,9 +102,9 @@ def ppo_kl_surrogate(
     """
     check_clip_range(clip_range)
     _check(student, teacher_mean, x_next)
-    student, x_next = _promoted(student, teacher_mean, x_next)
-    advantage = -opd_kl_loss(student, teacher_mean)
-    return clipped_surrogate(_score_at_old(student, x_next), advantage, clip_range)
+    student, x_next, dtype = _promoted(student, teacher_mean, x_next)
+    advantage = -opd_kl_loss(student, teacher_mean.to(torch.float64))
+    return clipped_surrogate(_score_at_old(student, x_next), advantage, clip_range).to(dtype)
 
 
 def _score_at_old(student: GaussianStep, x_next: Tensor) -> Tensor:
@@ -120,12 +120,16 @@ def _score_at_old(student: GaussianStep, x_next: Tensor) -> Tensor:
     return sum_event(-z.detach() * (z - z.detach()) - (log_std - log_std.detach()))
 
 
-def _promoted(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[GaussianStep, Tensor]:
-    """The student kernel and action in the common dtype of all inputs (mixed float32/float64)."""
+def _promoted(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[GaussianStep, Tensor, torch.dtype]:
+    """The student kernel and action in float64 (differentiable casts), and the inputs' common dtype.
+
+    The surrogates are formed in float64 and rounded once: their gradient ``A z / s`` with a detached
+    advantage ``A`` beyond the float32 range was ``inf * 0 = NaN`` in float32 where ``z`` is 0, and the
+    float64 product rounds to the right float32 value (0, finite, or inf beyond the range).
+    """
     dtype = torch.promote_types(torch.promote_types(student.mean.dtype, teacher_mean.dtype), x_next.dtype)
-    if student.mean.dtype != dtype or student.std.dtype != dtype:
-        student = GaussianStep(student.mean.to(dtype), student.std.to(dtype))
-    return student, x_next.to(dtype)
+    f64 = torch.float64
+    return GaussianStep(student.mean.to(f64), student.std.to(f64)), x_next.to(f64), dtype
 
 
 def _standardised_gaps(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tuple[Tensor, Tensor]:
@@ -168,9 +172,9 @@ def k1_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) ->
     Reference: ``tm-opd`` (per-token reverse KL with the k1 estimator).
     """
     _check(student, teacher_mean, x_next)
-    student, x_next = _promoted(student, teacher_mean, x_next)
+    student, x_next, dtype = _promoted(student, teacher_mean, x_next)
     log_prob = gaussian_log_prob(x_next.detach(), student)
-    return _log_ratio(student, teacher_mean, x_next.detach()).to(log_prob.dtype) * log_prob
+    return (_log_ratio(student, teacher_mean, x_next.detach()) * log_prob).to(dtype)
 
 
 def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) -> Tensor:
@@ -191,11 +195,11 @@ def vopd_surrogate(student: GaussianStep, teacher_mean: Tensor, x_next: Tensor) 
     Reference: ``vopd``.
     """
     _check(student, teacher_mean, x_next)
-    student, x_next = _promoted(student, teacher_mean, x_next)
+    student, x_next, dtype = _promoted(student, teacher_mean, x_next)
     log_prob = gaussian_log_prob(x_next.detach(), student)
     # the advantage log-ratio - KL is delta . eps exactly: formed directly, it has no cancellation
     delta, eps = _standardised_gaps(student, teacher_mean, x_next)
-    return sum_event(delta * eps).to(log_prob.dtype) * log_prob
+    return (sum_event(delta * eps) * log_prob).to(dtype)
 
 
 def estimator_surrogate(

@@ -151,11 +151,14 @@ def gopd_step_loss(student: GaussianStep, teacher_mean: Tensor, ref_mean: Tensor
     check_same_shape("student.mean", student.mean, "ref_mean", ref_mean)
     if lam == 1.0:
         return same_cov_kl(student.mean, teacher_mean.detach(), student.std)
-    std = check_positive_std("student.std", student.std, student.mean)
+    check_positive_std("student.std", student.std, student.mean)
     out_dtype = torch.promote_types(torch.promote_types(student.mean.dtype, teacher_mean.dtype), ref_mean.dtype)
     # in float64 (rounded once at the end), and lam KL_T + (1 - lam) KL_ref summed elementwise with a per-sample scale c, so that two KLs that
     # overflow separately never give inf - inf (lam > 1) when their combination is finite
-    mean, std = student.mean.to(torch.float64), std.to(torch.float64)
+    # the std is cast before it is broadcast: the gradient of a shared std is a sum over the event and
+    # batch, formed in float64 (in float32, per-entry gradients beyond the range summed to inf - inf)
+    mean = student.mean.to(torch.float64)
+    std = torch.broadcast_to(student.std.to(torch.float64), mean.shape)
     gap_t = ((mean - teacher_mean.detach().to(torch.float64)) / std).flatten(1)
     gap_r = ((mean - ref_mean.detach().to(torch.float64)) / std).flatten(1)
     if gap_t.shape[1] == 0:  # no event entries: both KLs are empty sums

@@ -7,6 +7,7 @@ mean :math:`\mu_T(x)` -> ``teacher_mean``, PPO ratio :math:`r = \pi_\theta/\pi_{
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -158,12 +159,20 @@ def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip_range: Optional
     # r A is formed as sign(A) exp(log r + log|A|), finite wherever the product is (r may overflow alone)
     zero = advantage == 0
     log_ratio = torch.where(zero, torch.zeros_like(log_ratio), log_ratio)
-    ratio = torch.exp(log_ratio)
     log_abs_adv = torch.log(torch.where(zero, torch.ones_like(advantage), advantage.abs()))
-    unclipped = torch.where(zero, torch.zeros_like(ratio), torch.sign(advantage) * torch.exp(log_ratio + log_abs_adv))
+
+    def unclipped(lr: Tensor) -> Tensor:
+        return torch.where(zero, torch.zeros_like(lr), torch.sign(advantage) * torch.exp(lr + log_abs_adv))
+
     if clip_range is None:
-        return -unclipped
-    return -torch.minimum(unclipped, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage)
+        return -unclipped(log_ratio)
+    # the ratio is clipped in log space, and the branch min() does not pick gets a safe input: the
+    # gradient 0 * exp(log r) of an unused overflowing exp was 0 * inf = NaN
+    lo = math.log(1.0 - clip_range) if clip_range < 1.0 else -math.inf
+    clipped = torch.exp(torch.clamp(log_ratio, lo, math.log1p(clip_range))) * advantage
+    with torch.no_grad():
+        use_clip = clipped < unclipped(log_ratio)
+    return -torch.where(use_clip, clipped, unclipped(torch.where(use_clip, torch.zeros_like(log_ratio), log_ratio)))
 
 
 def deterministic_limit_weight(sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:

@@ -25,5 +25,7 @@ settings.register_profile(
     max_examples=30,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("dev", deadline=None, max_examples=60)
+# derandomize=False explicitly: hypothesis's own CI detection tests for the *presence* of CI (so
+# `CI= pytest --hypothesis-seed N` would otherwise inherit its derandomised ci profile and ignore N)
+settings.register_profile("dev", deadline=None, max_examples=60, derandomize=False)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))

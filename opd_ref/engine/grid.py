@@ -42,6 +42,11 @@ def sigma_grid(
     """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    for name, val in (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("shift", shift)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(val).__name__} {val!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if not (0.0 <= sigma_min < sigma_max <= 1.0):
         raise ValueError(f"need 0 <= sigma_min < sigma_max <= 1, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if not (math.isfinite(shift) and shift > 0):

@@ -417,7 +417,9 @@ def group_advantages(rewards: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Te
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
-    r = rewards.detach()
+    # in float64, rounded once: in float32 the squares of rewards of size 1e30 overflowed, the std was
+    # inf and every advantage came out 0
+    r = rewards.detach().to(torch.float64)
     centred = r - r.mean(-1, keepdim=True)
     std = torch.sqrt(centred.pow(2).sum(-1, keepdim=True) / (r.shape[-1] - ddof))
-    return centred / (std + eps)
+    return (centred / (std + eps)).to(rewards.dtype)

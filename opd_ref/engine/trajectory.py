@@ -81,6 +81,8 @@ def check_finite(t: Tensor, what: str, step: Optional[int] = None) -> Tensor:
 
     Reference: ``diffusionopd``.
     """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a torch.Tensor ({what}), got {type(t).__name__}")
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(what, step=step)
     return t

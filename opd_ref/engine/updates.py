@@ -159,6 +159,15 @@ class AdvantageSpec:
     group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # validated here, once (before: eps = NaN was accepted and every advantage came out NaN)
+        if self.ddof not in (0, 1) or isinstance(self.ddof, bool):
+            raise ValueError(f"AdvantageSpec.ddof must be 0 or 1, got {self.ddof!r}")
+        e = self.eps
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e < math.inf:
+            raise ValueError(f"AdvantageSpec.eps must be a positive finite float, got {e!r}")
+        c = self.clip
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
+            raise ValueError(f"AdvantageSpec.clip must be a positive finite float or None, got {c!r}")
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2):
             raise ValueError(f"AdvantageSpec.group_size must be an int >= 2 or None, got {g!r}")

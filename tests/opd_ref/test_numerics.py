@@ -217,3 +217,134 @@ def test_ppo_ratio_that_overflows_alone_times_a_small_advantage_is_finite():
     assert float(loss[0]) == pytest.approx(want, rel=1e-5) and float(loss[1]) == pytest.approx(-want, rel=1e-5)
     (g,) = torch.autograd.grad(loss.sum(), lp)
     assert bool(torch.isfinite(g).all())
+
+
+# ---- found by tests/opd_ref/test_fuzz.py (values and gradients against float64) ----------------------
+
+from opd_ref import diag_gaussian_kl, distribution_matching_surrogate, bregman_generator_surrogate  # noqa: E402
+from opd_ref.estimators import k1_surrogate, vopd_surrogate  # noqa: E402
+from opd_ref.dimo import generalized_jeffrey  # noqa: E402
+
+
+def _js_oracle(lr, lrs):
+    """JS Bregman divergence at 200 digits as (r A - B) / 2, A = sp(-l*) - sp(-l), B = sp(l) - sp(l*)
+    (the definition h(r) - h(r*) - h'(r*)(r - r*) rearranged; checked against it below).  The definition
+    itself would need ~1e30 digits at log r = 1e30."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 200
+    l, ls = mpmath.mpf(lr), mpmath.mpf(lrs)
+    sp = lambda t: t + mpmath.log1p(mpmath.e ** -t) if t > 0 else mpmath.log1p(mpmath.e ** t)  # noqa: E731
+    return (mpmath.e ** l * (sp(-ls) - sp(-l)) - (sp(l) - sp(ls))) / 2
+
+
+def test_js_oracle_is_the_definition():
+    mpmath = pytest.importorskip("mpmath")
+    for lr, lrs in ((0.3, -2.0), (5.0, 1.0), (-3.0, 4.0)):
+        mpmath.mp.dps = 200
+        r, rs = mpmath.e ** mpmath.mpf(lr), mpmath.e ** mpmath.mpf(lrs)
+        h = lambda t: (t * mpmath.log(2 * t / (1 + t)) + mpmath.log(2 / (1 + t))) / 2  # noqa: E731
+        want = h(r) - h(rs) - mpmath.log(2 * rs / (1 + rs)) / 2 * (r - rs)
+        assert abs(_js_oracle(lr, lrs) - want) < mpmath.mpf(10) ** -150
+
+
+def test_js_bregman_of_huge_log_ratios_is_not_a_cancelled_logarithm():
+    # log r = 1.5e28, log r* = 1.96e30: D ~ (log r* - log r)/2; before, log r + log|A| cancelled to
+    # +-1e21 in float32 and D came out -inf.  Also log r = 5 against log r* = -1e30 (r* ~ 0) and back.
+    pairs = [(1.4751e28, 1.9643e30), (5.0, -1e30), (-1e30, 5.0), (-40.0, -1e3), (1e3, 40.0)]
+    g = torch.Generator().manual_seed(81)  # the fuzz case that found it (seed 422): 1e30 * N(0, 1) pairs
+    lr = torch.cat([torch.tensor([a for a, _ in pairs]), 1e30 * torch.randn(6, generator=g)])
+    lrs = torch.cat([torch.tensor([b for _, b in pairs]), 1e30 * torch.randn(6, generator=g)])
+    got = bregman_divergence(lr, "jensen_shannon", lrs)
+    for i in range(lr.shape[0]):
+        want = float(_js_oracle(float(lr[i]), float(lrs[i])))
+        if want > 3.4e38:
+            assert float(got[i]) == math.inf
+        else:
+            assert float(got[i]) == pytest.approx(want, rel=1e-5), (float(lr[i]), float(lrs[i]))
+
+
+def test_bregman_gradients_are_finite_or_signed_inf_where_the_divergence_overflows():
+    # closed forms of dD/dlog r and dD/dlog r* (written anew): KL e^l d and -(r - r*); Pearson 2r(r - r*)
+    # and -2r*(r - r*); autograd through the stable forward gave inf * 0 = NaN at log r = 1e30
+    lr = torch.tensor([1e30, 1e30, 800.0, -1e30, 3.0], dtype=F64, requires_grad=True)
+    lrs = torch.tensor([1e30, -5.0, 0.0, 2.0, 1.0], dtype=F64, requires_grad=True)
+    for name in ("kl", "reverse_kl", "pearson_chi2", "jensen_shannon"):
+        g_lr, g_lrs = torch.autograd.grad(bregman_divergence(lr, name, lrs).sum(), [lr, lrs])
+        assert not bool(torch.isnan(g_lr).any() or torch.isnan(g_lrs).any()), name
+        assert float(g_lr[0]) == 0.0 and float(g_lrs[0]) == 0.0  # r = r*: a minimum
+    a, b = torch.tensor(3.0, dtype=F64), torch.tensor(1.0, dtype=F64)
+    for name, want in (("kl", (math.exp(3) * 2, -(math.exp(3) - math.e))),
+                       ("pearson_chi2", (2 * math.exp(3) * (math.exp(3) - math.e), -2 * math.e * (math.exp(3) - math.e)))):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        got = torch.autograd.grad(bregman_divergence(x[None], name, y[None]).sum(), [x, y])
+        assert float(got[0]) == pytest.approx(want[0], rel=1e-12) and float(got[1]) == pytest.approx(want[1], rel=1e-12)
+    x = torch.tensor([1e30], requires_grad=True)
+    (g,) = torch.autograd.grad(bregman_divergence(x, "kl").sum(), [x])
+    assert float(g[0]) == math.inf  # e^l d beyond the float range
+
+
+def test_python_float_stds_are_exact_in_the_computing_dtype():
+    # a float32 mean with std 1e-3 and a float64 mean with std 1e-3: the stds are the same number, so
+    # the KL is the mean term only (before: 1e-3 was rounded to float32 on one side, KL 4.5e-15)
+    m_p = torch.full((1, 2), 1e-30, dtype=F64)
+    m_q = torch.full((1, 2), 1e-30)
+    assert float(diag_gaussian_kl(m_p, 1e-3, m_q, 1e-3)[0]) == pytest.approx(float(((m_p - m_q.double()) ** 2).sum() / 2e-6), abs=1e-50)
+
+
+def test_di_bregman_weight_beyond_float32_is_kept_in_float64():
+    # Pearson weight 2 r at log r = 100 (2.7e43) overflows float32; the float64 surrogate is finite
+    x = torch.tensor([[1e-20, 2e-20]], requires_grad=True)
+    s_f, s_r = torch.tensor([[1e-20, -1e-20]]), torch.zeros(1, 2)
+    got = bregman_generator_surrogate(x, s_f, s_r, torch.tensor([100.0]), "pearson_chi2")
+    want = 2 * math.exp(100.0) * (1e-20 * 1e-20 - 1e-20 * 2e-20)
+    assert float(got[0]) == pytest.approx(want, rel=1e-5)
+    (g,) = torch.autograd.grad(got.sum(), [x])
+    assert float(g[0, 0]) == pytest.approx(2 * math.exp(100.0) * 1e-20, rel=1e-5)
+    with pytest.raises(ValueError, match="log_ratio up to 800"):
+        bregman_generator_surrogate(x, s_f, s_r, torch.tensor([800.0]), "pearson_chi2")
+    assert float(distribution_matching_surrogate(x, s_f, s_r, weight=1e30)[0]) == pytest.approx(-1e-10, rel=1e-5)
+
+
+def test_ppo_clip_binding_on_an_overflowing_ratio_has_a_finite_gradient():
+    lp = torch.tensor([200.0, 200.0, -200.0], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, -1.0])
+    loss = ppo_surrogate_loss(lp, torch.zeros(3), adv, 0.2)
+    # A > 0 with r >> 1 + eps: the clip binds, loss -(1 + eps) A, gradient 0 (was 0 * inf = NaN);
+    # A < 0: min picks r A = -e^200 -> the loss is +inf and its gradient inf; r ~ 0, A < 0: clip binds
+    assert float(loss[0]) == pytest.approx(-1.2) and float(loss[1]) == math.inf
+    assert float(loss[2]) == pytest.approx(0.8)
+    (g,) = torch.autograd.grad(loss.sum(), [lp])
+    assert g.tolist() == [0.0, math.inf, 0.0]  # d(e^200)/dlog r = e^200 beyond the float32 range
+
+
+def test_k1_and_vopd_gradients_round_a_float64_product_not_inf_times_zero():
+    # advantage ~ 1e61 (beyond float32) times a zero residual in one dim: gradient 0 there, not NaN
+    mean = torch.tensor([[1e30, 0.0]], requires_grad=True)
+    t_mean = torch.tensor([[-1e30, 0.0]])
+    x_next = torch.tensor([[1e30, 0.0]])
+    for fn in (k1_surrogate, vopd_surrogate):
+        (g,) = torch.autograd.grad(fn(GaussianStep(mean, 1.0), t_mean, x_next).sum(), [mean])
+        assert not bool(torch.isnan(g).any()) and float(g[0, 1]) == 0.0 and float(g[0, 0]) == 0.0
+
+
+def test_dimo_float32_kl_of_near_uniform_tokens_is_accurate():
+    # logits of size 1e-3: KL ~ 1e-6 is a sum of p (log p - log q) cancelling to second order; in
+    # float32 it was off by 12 %.  Oracle: the same formula in float64 on the same float32 values.
+    g = torch.Generator().manual_seed(4)
+    a = (1e-3 * torch.randn(3, 3, 4, generator=g))
+    b = (1e-3 * torch.randn(3, 3, 4, generator=g))
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    want = (lp.exp() * (lp - lq)).sum((-1, -2))
+    got = generalized_jeffrey(a, b, 0.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["kl", "reverse_kl", "pearson_chi2", "jensen_shannon"])
+def test_bregman_analytic_gradients_match_finite_differences(name):
+    # the backward pass is hand-written (stable forms): gradcheck against central differences of the
+    # forward in float64, on both sides of the |d| = 1 branch switch
+    g = torch.Generator().manual_seed(11)
+    lr = (2.0 * torch.randn(40, generator=g, dtype=F64)).requires_grad_()
+    lrs = (2.0 * torch.randn(40, generator=g, dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: bregman_divergence(a, name, b), (lr, lrs))

@@ -1,6 +1,7 @@
 """opd_ref: the math of on-policy distillation for flow-matching diffusion models.
 
-Every derivation D1-D13 of the docs (docs/derivations/, one page each) is implemented once here;
+Every derivation D1-D19 of the docs (docs/derivations/, one page each) is implemented once here
+(D17 and the D18 updates in ``opd_ref.engine``);
 ``toys`` and ``scale`` import it.
 Conventions: ``x_sigma = (1 - sigma) x_data + sigma eps``, ``v = eps - x_data``, sampling runs
 sigma 1 -> 0; log-probs and KLs are per sample and summed over event dims (docs/conventions.md).

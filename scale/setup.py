@@ -32,7 +32,7 @@ STUDENT = "student"
 # config keys that may change between an interrupted run and its --resume (they do not change what
 # an update computes)
 RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every", "keep_checkpoints",
-                     "max_heldout_kl_ratio")
+                     "max_heldout_kl_ratio", "report_to", "eval_steps", "eval_grid_images")
 # where the run is, not what it computes: a run directory resumes however its path is spelled or
 # after it was moved
 LOCATION_KEYS = ("output_dir",)
@@ -292,7 +292,8 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     phases = [] if cfg.loss == "crd" else [("grpo", k) for k, t in enumerate(tasks) if not t.teacher_lora]
     grpo_spec = None
     if phases:
-        grpo = ObjectiveSpec("grpo", clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form)
+        grpo = ObjectiveSpec("grpo", clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form,
+                             ratio_form=cfg.ratio_form)
         grpo_spec = UpdateSpec(sigmas, kernel, grpo, steps, cfg.max_grad_norm)
     phases.append(("distill", -1))
 

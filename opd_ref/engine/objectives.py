@@ -51,10 +51,14 @@ __all__ = [
     "METHODS",
     "register",
     "KL_FORMS",
+    "RATIO_FORMS",
     "group_advantages",
 ]
 
 KL_FORMS = ("exact", "flowgrpo")
+#: the PPO ratio of ``grpo``: ``exact`` = of the step's density (log-ratio summed over the D dims);
+#: ``flowgrpo`` = Flow-GRPO's code (exp of the log-ratio averaged over dims, i.e. the D-th root)
+RATIO_FORMS = ("exact", "flowgrpo")
 
 
 def _sum_event(t: Tensor) -> Tensor:
@@ -149,6 +153,9 @@ class ObjectiveSpec:
         kl_form: ``"exact"`` (the true per-step KL) or ``"flowgrpo"`` (Flow-GRPO's code: mean over
             dims, :math:`\|\Delta\|^2/(2\sigma_t^2)` without :math:`|\Delta t|`; SDE only).
         crd_beta: CRD's KL strength :math:`\beta > 0` in the implicit reward (``crd``).
+        ratio_form: ``"exact"`` (:math:`r = \pi_\theta(x')/\pi_{old}(x')`, the log-ratio summed over
+            the :math:`D` dims) or ``"flowgrpo"`` (Flow-GRPO's code: :math:`r = \exp(\frac1D
+            \log\frac{\pi_\theta(x')}{\pi_{old}(x')})`, its log-prob being a mean over dims) (``grpo``).
 
     Reference: ``flowgrpo``, ``diffusionopd``.
     """
@@ -158,6 +165,7 @@ class ObjectiveSpec:
     kl_beta: float = 0.0
     kl_form: str = "exact"
     crd_beta: float = 1.0
+    ratio_form: str = "exact"
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -173,6 +181,8 @@ class ObjectiveSpec:
             raise ValueError(f"ObjectiveSpec.crd_beta must be a positive finite float, got {b!r}")
         if self.kl_form not in KL_FORMS:
             raise ValueError(f"ObjectiveSpec.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+        if self.ratio_form not in RATIO_FORMS:
+            raise ValueError(f"ObjectiveSpec.ratio_form must be one of {RATIO_FORMS}, got {self.ratio_form!r}")
 
     @property
     def objective(self) -> "Objective":
@@ -274,6 +284,8 @@ def _vopd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
 @register("grpo", "rl", ("sde", "cps"), "Flow-GRPO: clipped ratio on group advantages + beta KL to the reference")
 def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
     log_ratio = i.log_ratio_old()
+    if spec.ratio_form == "flowgrpo":  # Flow-GRPO's log-prob is a mean over dims
+        log_ratio = log_ratio / i.v[0].numel()
     loss = clipped_surrogate(log_ratio, i.advantage, spec.clip_range)
     ratio = torch.exp(log_ratio.detach())
     stats = {"ratio": ratio}

@@ -56,7 +56,7 @@ class _Once(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``opd-scale`` argument parser (subcommands build-tiny, train, sample, bench)."""
+    """The ``opd-scale`` argument parser (subcommands launch, build-tiny, train, sample, eval, gpu-check, bench)."""
     from opd_ref.engine import KERNEL_KINDS
     from scale.config import field_docs
 

@@ -262,6 +262,10 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
         RunLock(run_dir).acquire().release()
     _check_run_dir(cfg, run_dir, resume)
     _check_batches(cfg, accelerator.num_processes)
+    if cfg.report_to != "none":  # the tracker's package, before anything is written
+        from scale.trackers import check_available
+
+        check_available(cfg.report_to)
 
     from scale.pipeline import load_pipeline, scheduler_sigmas
     from scale.text import PromptCache

@@ -13,10 +13,23 @@ Reference: ``flowgrpo`` (wandb), diffusers' training scripts (``--report_to``).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-__all__ = ["Trackers"]
+__all__ = ["Trackers", "check_available"]
+
+
+def check_available(report_to: str) -> None:
+    """Raise ``ValueError`` naming the package when ``report_to``'s tracker is not installed."""
+    import importlib.util
+
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise ValueError(f"report_to must be none, tensorboard or wandb, got {report_to!r}")
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if module is not None and importlib.util.find_spec(module) is None:
+        extra = ' (pip install "opd-ref[track]")' if module == "tensorboard" else ""
+        raise ValueError(f"report_to {report_to!r} needs the {module!r} package: pip install {module}{extra}")
 
 
 class Trackers:
@@ -34,15 +47,9 @@ class Trackers:
 
     def __init__(self, report_to: str, run_dir: Path, config: Dict[str, Any], is_main: bool = True):
         self.tracker = None
-        if report_to not in ("none", "tensorboard", "wandb"):
-            raise ValueError(f"report_to must be none, tensorboard or wandb, got {report_to!r}")
+        check_available(report_to)
         if report_to == "none" or not is_main:
             return
-        import importlib.util
-
-        module = "tensorboard" if report_to == "tensorboard" else "wandb"
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"report_to {report_to!r} needs the {module!r} package: pip install {module}")
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
         if report_to == "tensorboard":
@@ -54,8 +61,9 @@ class Trackers:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
         try:
             tracker.store_init_configuration(flat)
-        except Exception:  # noqa: BLE001 - hyper-parameters are a convenience, never a reason to stop a run
-            pass
+        except Exception as err:  # noqa: BLE001 - hyper-parameters are a convenience, never a reason to stop a run
+            warnings.warn(f"{report_to}: the config was not stored as hyper-parameters ({err})", RuntimeWarning,
+                          stacklevel=2)
         self.tracker = tracker
 
     def log(self, prefix: str, record: Dict[str, Any], step: int) -> None:

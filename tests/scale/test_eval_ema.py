@@ -131,3 +131,13 @@ def test_eval_rewards_tensorboard_and_the_eval_command(workspace, tmp_path):
     for key in ("reward/task0", "reward/task1", "kl/task0", "kl/task1"):
         assert res[key] == pytest.approx(recs[-1][key], rel=1e-4, abs=1e-6), key
     assert (out / "grids" / "task0.png").is_file()
+
+
+def test_a_missing_tracker_package_is_a_clear_error_before_the_run_directory(workspace, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ValueError, match="report_to 'wandb' needs the 'wandb' package"):
+        Trainer(tiny_config(workspace, tmp_path / "run", report_to="wandb"))
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ student's parameters for evaluation and sampling and restores the trained values
 :meth:`LoraEMA.state_dict` goes into each checkpoint, so a resumed run continues the same average
 bit for bit.
 
-Reference: ``flowgrpo`` (EMA of the LoRA, decay 0.9), ``diffusionnft``.
+Reference: ``flowgrpo`` (EMA of the LoRA, decay 0.9), ``nft``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ random numbers). Per task a grid of the first ``eval_grid_images`` held-out prom
 During training (``eval_every``) every evaluation is appended to ``RUN/eval.jsonl`` (with the EMA
 weights when ``ema_decay > 0``); ``opd-scale eval --run RUN`` evaluates a finished run's student.
 
-Reference: ``diffusionopd`` (40-step ODE evaluation, held-out rewards), ``diffusionnft``, ``flowgrpo``.
+Reference: ``diffusionopd`` (40-step ODE evaluation, held-out rewards), ``nft``, ``flowgrpo``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def evaluate(setup: Setup, adapter: str = STUDENT, *, num_steps: Optional[int] =
     Raises:
         ValueError: no held-out prompts (config ``heldout_prompt_files``).
 
-    Reference: ``diffusionopd``, ``diffusionnft``.
+    Reference: ``diffusionopd``, ``nft``.
     """
     from scale.io import save_grid
     from scale.updates import heldout_tasks

@@ -28,6 +28,7 @@ Reference: ``diffusionopd`` (SD3.5-Medium, 512 px), ``flowgrpo``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -88,6 +89,7 @@ def build_check_pipeline(out_dir: str | os.PathLike, full: bool, seed: int = 0) 
         text_encoder_3=t5, tokenizer_3=t5_tok)
     pipe.save_pretrained(out)
     del pipe, transformer
+    gc.collect()
     torch.cuda.empty_cache()
     return out
 
@@ -132,7 +134,10 @@ def kernel_vs_scheduler(model: str, dtype: torch.dtype, device: torch.device, re
     out = {"num_steps": num_steps, "dtype": str(dtype), "max_abs_diff_final": float((traj.final - final).abs().max()),
            "final_rms": rms, "rel_diff_per_step": per_step, "rel_diff_max": max(per_step),
            "bit_identical": bool(all(torch.equal(traj.states[k + 1], seen[k]) for k in range(num_steps)))}
-    del pipe
+    del pipe, tr, policy, traj
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -192,6 +197,7 @@ def memory_matrix(model: str, teacher: str, prompts: str, resolution: int, dtype
                     out[key]["max_allocated_bytes_total"] = float(torch.cuda.max_memory_allocated(dev))
                 trainer.close()
                 del trainer
+                gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         for mb in batches:

@@ -12,7 +12,7 @@
 * ``tiny`` — the tiny random-weight pipeline of ``opd-scale build-tiny`` (8 px, 4 steps, rank-4 LoRA,
   stage 1 + stage 2 in seconds on a CPU, evaluation every 2 updates, EMA on).
 
-Reference: ``diffusionopd``, ``flowgrpo``, ``diffusionnft``.
+Reference: ``diffusionopd``, ``flowgrpo``, ``nft``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # 23 s at a load average of 8.5 on 2 cores (a tiny pipeline build, 10 trainers, the bench)
 def test_gpu_check_runs_on_cpu_and_writes_its_json(tmp_path):
     from scale.cli import main
 

@@ -240,7 +240,7 @@ def _setup(tmp: Path, model: Optional[str], resolution: Optional[int]) -> Dict[s
 
 def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, repeats: int = 3,
               micro_batch_size: int = 1, dtype: str = "auto", trained_steps: tuple = (0, 4, 8),
-              peak_tflops: Optional[float] = None) -> Dict[str, Any]:
+              peak_tflops: Optional[float] = None, max_sequence_length: int = 32) -> Dict[str, Any]:
     """Run the measurements (and on CUDA images/s and MFU) and return them as a dict.
 
     Args:
@@ -251,6 +251,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         dtype: ``auto`` / ``float32`` / ``bfloat16`` / ``float16``.
         trained_steps: trained step indices (the same for 10 and 40 rollout steps).
         peak_tflops: the GPU's peak dense FLOP/s in TFLOP/s for MFU (default: 989 on H100/H200 bf16).
+        max_sequence_length: T5 tokens per prompt.
 
     Returns:
         dict of measurements, ratios and the methods used.
@@ -267,7 +268,7 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
         base = dict(model=env["model"], resolution=env["resolution"], num_steps=10, batch_size=micro_batch_size,
                     micro_batch_size=micro_batch_size, tasks=["t"], prompt_files=[str(tmp / "prompts.txt")],
                     teacher_loras=[env["teacher"]], train_steps=list(trained_steps), dtype=dtype,
-                    max_sequence_length=32, checkpoint_every=0, sample_every=0, lora_rank=8, lora_alpha=16)
+                    max_sequence_length=max_sequence_length, checkpoint_every=0, sample_every=0, lora_rank=8, lora_alpha=16)
         counter = iter(range(10**6))
 
         def make(adapter: str = STUDENT, **over) -> Trainer:
@@ -376,6 +377,8 @@ def run_bench(model: Optional[str] = None, resolution: Optional[int] = None, rep
                 "cfg_forward_flops": flops_fwd,
                 "update_flops": update_flops,
                 "mfu_update": update_flops / t_update / peak,
+                "achieved_tflops_update": update_flops / t_update / 1e12,
+                "achieved_tflops_sampling": T * flops_fwd / sample_s / 1e12,
                 "mfu_sampling": T * flops_fwd / sample_s / peak,
                 "peak_tflops": peak / 1e12,
             }

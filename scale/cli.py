@@ -9,6 +9,9 @@ Examples::
     opd-scale sample --run runs/opd --prompts p.txt --out grid.png   # the run's model, student and settings
     opd-scale sample --model /tmp/tiny --lora runs/opd/student --prompts p.txt --out grid.png
     opd-scale bench --model /tmp/tiny --out bench.json
+    opd-scale eval --run runs/opd                          # 40-step ODE rewards, held-out KL, grids
+    opd-scale train --preset tiny --model /tmp/tiny ...    # a preset (scale/presets/NAME.json) as the base
+    opd-scale gpu-check --out gpu_check.json               # full-size SD3.5-Medium checks on CUDA (tiny on CPU)
 
 ``train`` takes every :class:`~scale.config.ScaleConfig` field as ``--field-name VALUE`` or
 ``--set field_name=VALUE`` (each key once: the same key twice, or as a flag and in ``--set``, is an
@@ -55,7 +58,7 @@ class _Once(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``opd-scale`` argument parser (subcommands build-tiny, train, sample, bench)."""
+    """The ``opd-scale`` argument parser (subcommands launch, build-tiny, train, sample, eval, gpu-check, bench)."""
     from opd_ref.engine import KERNEL_KINDS
     from scale.config import field_docs
 
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", allow_abbrev=False, help="two-stage DiffusionOPD training (config file + overrides)")
     p.add_argument("--config", help="JSON or TOML config file (defaults: ScaleConfig)")
+    p.add_argument("--preset", default=None,
+                   help="a preset as the base config: a name in scale/presets/ (e.g. tiny, sd35m-512-diffusionopd, "
+                        "flowgrpo-sd35) or a JSON/TOML file; --config and the flags override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--resume", action="store_true",
@@ -99,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--kernel", default="ode", choices=list(KERNEL_KINDS))
     p.add_argument("--noise-level", type=float, default=0.0)
+
+    p = sub.add_parser("eval", allow_abbrev=False,
+                       help="evaluate a run's student: ODE-sample rewards, held-out path KL to each teacher, grids")
+    p.add_argument("--run", required=True, help="run directory (its config.json gives the settings)")
+    p.add_argument("--lora", default=None, help="student LoRA to evaluate (default: RUN/student)")
+    p.add_argument("--ema", action="store_true", help="evaluate RUN/student_ema (runs with ema_decay > 0)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's eval_steps, 40)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/evals/eval_NNN)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config, e.g. heldout_prompt_files=... or rewards=... (repeatable)")
+
+    p = sub.add_parser("gpu-check", allow_abbrev=False,
+                       help="one-shot GPU check: full-size SD3.5-Medium transformer (random weights) on CUDA, tiny on CPU")
+    p.add_argument("--out", default="gpu_check.json", help="write the results as JSON here")
+    p.add_argument("--tiny", action="store_true", help="the tiny model also on CUDA")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
 
     p = sub.add_parser("bench", allow_abbrev=False, help="overhead, memory and cost-per-update ratios (scale.bench)")
     p.add_argument("--model", default=None, help="pipeline directory (default: build a tiny one in a temp dir)")
@@ -172,6 +194,18 @@ def _train_config(args: argparse.Namespace):
             raise ValueError(f"config key {key!r} given twice: --set {seen[key]!r} and --set {item!r}; give it once")
         seen[key] = item
     base = args.config
+    if args.preset is not None:
+        from scale.config import apply_overrides
+        from scale.presets import preset_config
+
+        if args.resume:
+            raise ValueError("--preset and --resume: a resumed run's base config is its config.json; drop --preset")
+        data = preset_config(args.preset).to_dict()
+        if base is not None:
+            data.update(_explicit(base))
+        cfg = apply_overrides(load_config(None, data), args.overrides)
+        overrides = {k: parse_value(k, v) for k, v in direct.items()}
+        return load_config(None, {**cfg.to_dict(), **overrides}) if overrides else cfg
     if args.resume and base is None:
         out = direct.get("output_dir")
         if "output_dir" in seen:
@@ -184,6 +218,19 @@ def _train_config(args: argparse.Namespace):
     overrides = {k: parse_value(k, v) for k, v in direct.items()}
     cfg = load_config(base, args.overrides)
     return load_config(None, {**cfg.to_dict(), **overrides}) if overrides else cfg
+
+
+def _explicit(path: str) -> dict:
+    """The keys a config file sets over a preset (the preset's other values stay)."""
+    from scale.config import load_config
+
+    load_config(path)  # validates the file (exists, parses, known keys)
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(text)
+    return json.loads(text)
 
 
 def _device_dtype(name: str):
@@ -320,6 +367,19 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "sample":
             return _cmd_sample(args)
+        if args.command == "eval":
+            from scale.eval import run_eval
+
+            result = run_eval(args.run, lora=args.lora, ema=args.ema, num_steps=args.steps, out_dir=args.out,
+                              overrides=args.overrides)
+            print(json.dumps(result, indent=2, sort_keys=True))
+            return 0
+        if args.command == "gpu-check":
+            from scale.gpu_check import run_gpu_check
+
+            results = run_gpu_check(args.out, tiny=args.tiny, repeats=args.repeats)
+            print(json.dumps(results, indent=2, sort_keys=True))
+            return 0
         if args.command == "bench":
             from scale.bench import run_bench
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
-from opd_ref.engine import IMPLICIT_REWARDS, KERNEL_KINDS, KL_FORMS, OBJECTIVES, RATIO_REFERENCES, CRDMechanisms, KernelSpec
+from opd_ref.engine import (IMPLICIT_REWARDS, KERNEL_KINDS, KL_FORMS, OBJECTIVES, RATIO_FORMS, RATIO_REFERENCES,
+                             CRDMechanisms, KernelSpec)
 from scale.lora import FLOW_GRPO_TARGETS  # Flow-GRPO's SD3.5 LoRA targets (no heavy import)
 
 __all__ = ["ScaleConfig", "FLOW_GRPO_TARGETS", "load_config", "apply_overrides", "parse_value", "field_docs"]
@@ -30,6 +31,8 @@ LOSSES = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("disti
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: stage-1 teacher algorithms: the engine's reward objectives (grpo, grpo_guard) and DiffusionNFT (D18)
 TEACHER_ALGORITHMS = tuple(name for name, obj in OBJECTIVES.items() if obj.family in ("rl", "nft"))
+#: trackers next to metrics.jsonl (through accelerate's tracker classes)
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def knob(default: Any, doc: str) -> Any:
@@ -92,8 +95,14 @@ class ScaleConfig:
                               "model directory (\"pickscore:/models/ps\"), or a weighted sum "
                               "(\"0.5*pickscore:/m/ps + 0.5*aesthetic:/m/aes\")")
     group_size: int = knob(16, "rollouts per prompt for group-normalised advantages (Flow-GRPO: 16-24)")
-    clip_range: float = knob(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4)")
-    kl_beta: float = knob(0.04, "weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04)")
+    clip_range: float = knob(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4). With ratio_form = exact the ratio is of the "
+                             "step's density (log-ratio summed over D = 65536 dims at 512 px): the same 1e-4 is D times "
+                             "tighter than Flow-GRPO's clip, which bounds the summed log-ratio to about +-6.55; "
+                             "ratio_form = flowgrpo gives Flow-GRPO's ratio")
+    kl_beta: float = knob(0.04, "weight of the KL to the reference (Flow-GRPO GenEval setting: 0.04). With kl_form = exact "
+                          "the KL is D/|dt| times Flow-GRPO's form (2.4e5 to 7.3e6 on the 10-step SD3.5 grid, a = 0.7), "
+                          "so Flow-GRPO's 0.04 is 5.4e-9 to 1.6e-7 here (per step; scale.porting); kl_form = flowgrpo "
+                          "keeps Flow-GRPO's meaning")
     kl_form: str = knob("exact", "exact = the true per-step KL; flowgrpo = Flow-GRPO code's form (mean over dims, no |dt|)")
     adv_eps: float = knob(1e-4, "epsilon in (r - mean) / (std + eps) (Flow-GRPO: 1e-4)")
     ppo_epochs: int = knob(1, "optimisation passes over each rollout batch (ratio != 1 only when > 1)")
@@ -128,6 +137,16 @@ class ScaleConfig:
     sample_every: int = knob(50, "write a sample grid every N updates; 0 = only at the end")
     num_sample_prompts: int = knob(4, "prompts (first of each task) in each sample grid")
     eval_every: int = knob(0, "held-out KL every N updates (0 = only before and after training)")
+
+    # ---- evaluation, EMA, trackers, Flow-GRPO semantics ---------------------------------------
+    eval_steps: int = knob(40, "ODE steps of the evaluation sampler (rewards and grids on the held-out prompts; DiffusionNFT / DiffusionOPD: 40)")
+    eval_grid_images: int = knob(4, "held-out prompts per task in each evaluation grid (eval/...png); 0 = no grids")
+    adv_clip: float = knob(5.0, "clip group advantages to [-c, c] (Flow-GRPO adv_clip_max: 5); 0 = off")
+    ratio_form: str = knob("exact", "PPO ratio of stage 1: exact = the step density's ratio (log-ratio summed over dims); "
+                           "flowgrpo = Flow-GRPO code's (exp of the per-dim mean log-ratio)")
+    ema_decay: float = knob(0.0, "EMA of the student LoRA, ema <- d ema + (1 - d) theta after each stage-2 update; used "
+                            "for evaluation, samples and student_ema/ (0 = off; Flow-GRPO: 0.9)")
+    report_to: str = knob("none", "trackers next to metrics.jsonl: none, tensorboard (RUN/tensorboard/) or wandb (through accelerate)")
 
     def validate(self) -> "ScaleConfig":
         """Check every value's type and range (path-like values become ``str``); raise
@@ -221,6 +240,17 @@ class ScaleConfig:
                 raise ValueError(f"config {key} needs one entry per task ({n} tasks {self.tasks}), got {len(val)}: {val}")
         if len(set(self.tasks)) != n:
             raise ValueError(f"config tasks must be distinct names, got {self.tasks}")
+        for key in ("eval_steps",):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config {key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("eval_grid_images", "adv_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config {key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"config ema_decay must lie in [0, 1) (0 = off), got {self.ema_decay!r}")
+        for key, allowed in (("ratio_form", RATIO_FORMS), ("report_to", REPORT_TO)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {key} must be one of {allowed}, got {getattr(self, key)!r}")
         return self
 
     def teacher_guidance(self) -> List[float]:

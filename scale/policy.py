@@ -92,6 +92,15 @@ class SD3Policy:
         return velocity(self.transformer, x, sigma, cond, self.dtype, guidance_scale=g,
                         detach_uncond=self.detach_uncond)
 
+    def add_role(self, adapter: str, g: float) -> None:
+        """Give an adapter loaded after construction (e.g. a saved student for evaluation) its guidance
+        scale :math:`g \\ge 0` (no-op without a guidance map: every role uses the inputs' scale)."""
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"guidance scale of {adapter!r} must be a finite number >= 0, got {g!r}")
+        if self.guidance is not None:
+            self.guidance[adapter] = float(g)
+            self.needs_uncond = self.needs_uncond or float(g) != 1.0
+
     def with_guidance(self, cond: ModelInputs, w: float) -> ModelInputs:
         r"""The same batch under CFG scale :math:`w > 1`: :math:`v_\varnothing + w\,(v_c - v_\varnothing)`
         (CRD's CFG-guided reference) for whichever adapter is active, overriding the per-role scales;

@@ -33,7 +33,7 @@ STUDENT = "student"
 # config keys that may change between an interrupted run and its --resume (they do not change what
 # an update computes)
 RESUMABLE_CHANGES = ("distill_steps", "checkpoint_every", "sample_every", "eval_every", "keep_checkpoints",
-                     "max_heldout_kl_ratio", "prompt_cache")
+                     "max_heldout_kl_ratio", "prompt_cache", "report_to", "eval_steps", "eval_grid_images")
 # where the run is, not what it computes: a run directory resumes however its path is spelled or
 # after it was moved
 LOCATION_KEYS = ("output_dir",)
@@ -262,6 +262,10 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
         RunLock(run_dir).acquire().release()
     _check_run_dir(cfg, run_dir, resume)
     _check_batches(cfg, accelerator.num_processes)
+    if cfg.report_to != "none":  # the tracker's package, before anything is written
+        from scale.trackers import check_available
+
+        check_available(cfg.report_to)
 
     from scale.pipeline import load_pipeline, scheduler_sigmas
     from scale.text import PromptCache
@@ -302,7 +306,7 @@ def build_setup(config: ScaleConfig, resume: bool = False, accelerator: Any = No
     grpo_spec = None
     if phases:
         grpo = ObjectiveSpec(cfg.teacher_algorithm, clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, kl_form=cfg.kl_form,
-                             nft_beta=cfg.nft_beta)
+                             nft_beta=cfg.nft_beta, ratio_form=cfg.ratio_form)
         grpo_spec = UpdateSpec(sigmas, kernel, grpo, steps, cfg.max_grad_norm)
     phases.append(("distill", -1))
 

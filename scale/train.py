@@ -29,6 +29,7 @@ Reference: ``diffusionopd`` (two-stage recipe, multi-task OPD), ``flowgrpo`` (GR
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,10 @@ from opd_ref.engine import (AdvantageSpec, NonFiniteError, crd_update, distill_u
 from scale import io
 from scale.checkpoint import StopSignal, describe, list_checkpoints
 from scale.config import ScaleConfig
+from scale.ema import LoraEMA
+from scale.eval import append_eval, evaluate, truncate_eval
 from scale.setup import STUDENT, build_setup
+from scale.trackers import Trackers
 from scale.updates import ImageReward, distill_tasks, heldout_tasks, reward_groups
 
 __all__ = ["STUDENT", "Trainer", "TrainResult", "DivergedError", "train"]
@@ -83,6 +87,26 @@ class Trainer:
         self.resume, self.callbacks, self.step_hook = resume, list(callbacks), step_hook
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.guard: Dict[str, float] = {}  # divergence guard state (the held-out KL before stage 2), checkpointed
+        self.ema: Optional[LoraEMA] = None  # EMA of the student LoRA (ema_decay > 0), checkpointed
+        if self.cfg.ema_decay > 0:
+            self.ema = LoraEMA({n: p for n, p in self.setup.transformer.named_parameters()
+                                if "lora_" in n and f".{STUDENT}." in n}, self.cfg.ema_decay)
+        self.trackers: Optional[Trackers] = None
+
+    def ema_weights(self):
+        """Context in which the student adapter holds its EMA weights (no-op without EMA)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def global_step(self, phase: int, step: int) -> int:
+        """Updates done over all phases before ``phase``, plus ``step`` (the trackers' x axis)."""
+        done = sum(self.cfg.stage1_steps if kind == "grpo" else self.cfg.distill_steps
+                   for kind, _ in self.setup.phases[:phase])
+        return done + step
+
+    def _log(self, record: Dict[str, Any], prefix: str) -> None:
+        io.log(self.setup, record)
+        if self.trackers is not None:
+            self.trackers.log(prefix, record, self.global_step(record["phase"], record["step"]))
 
     def make_optimizer(self, adapter: str) -> torch.optim.Optimizer:
         """AdamW over ``adapter``'s LoRA parameters (multi-tensor ``foreach`` kernels also on CPU)."""
@@ -107,7 +131,8 @@ class Trainer:
                               s.grpo_spec, self.optimizer, epochs=self.cfg.ppo_epochs, collective=s.collective)
         return grpo_update(s.policy, task.adapter, reward_groups(s, phase, k, update), ImageReward(s.pipe, task.reward),
                            s.grpo_spec, self.optimizer, epochs=self.cfg.ppo_epochs,
-                           advantages=AdvantageSpec(ddof=0, eps=self.cfg.adv_eps), collective=s.collective)
+                           advantages=AdvantageSpec(ddof=0, eps=self.cfg.adv_eps, clip=self.cfg.adv_clip or None),
+                           collective=s.collective)
 
     def crd_update(self, phase: int, update: int) -> Dict[str, float]:
         """CRD: the student on the task rewards, round robin over the tasks, one optimizer step."""
@@ -149,7 +174,8 @@ class Trainer:
         except NonFiniteError as err:
             raise DivergedError(f"{err.at(update=step, phase=self.phase_name(phase))} (held-out evaluation after "
                                 f"update {step}). {self._last_good()}") from err
-        io.log(self.setup, {"phase": phase, "step": step, "event": "eval", **div})
+        self._log({"phase": phase, "step": step, "event": "eval", **div}, "heldout")
+        self._full_eval(phase, step, div)
         mean = next((v for k, v in div.items() if k.endswith("/mean")), None)
         if mean is None:
             return
@@ -160,6 +186,25 @@ class Trainer:
             raise DivergedError(f"held-out divergence {mean:.6g} at update {step} exceeds max_heldout_kl_ratio = "
                                 f"{ratio:g} times its value before stage 2 ({start:.6g}): the run is diverging "
                                 f"(lower the learning rate). {self._last_good()}")
+
+    def _full_eval(self, phase: int, step: int, div: Dict[str, float]) -> None:
+        """Rewards of ``eval_steps``-step ODE samples, the held-out path KL and grids (EMA weights when
+        on) appended to ``RUN/eval.jsonl`` (:func:`scale.eval.evaluate`)."""
+        s = self.setup
+        grid_dir = s.run_dir / "eval" / f"step_{step:06d}"
+        try:
+            with self.ema_weights():
+                res = evaluate(s, STUDENT, grid_dir=grid_dir, kl=self.ema is not None)
+        except NonFiniteError as err:
+            raise DivergedError(f"{err.at(update=step, phase=self.phase_name(phase))} (evaluation after update "
+                                f"{step}). {self._last_good()}") from err
+        if self.ema is None:  # the student's own weights: the held-out KL just measured
+            res.update({key.replace("heldout_", "", 1): v for key, v in div.items()})
+        record = {"phase": phase, "step": step, "weights": "ema" if self.ema is not None else "student",
+                  "eval_steps": self.cfg.eval_steps, **res}
+        append_eval(s, record)
+        if self.trackers is not None:
+            self.trackers.log("eval", record, self.global_step(phase, step))
 
     def _last_good(self) -> str:
         found = list_checkpoints(self.setup.run_dir / io.CHECKPOINTS)
@@ -172,6 +217,9 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory's lock (done by :meth:`run` when it returns or raises)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         if self.setup.lock is not None:
             self.setup.lock.release()
 
@@ -196,10 +244,18 @@ class Trainer:
         s, cfg = self.setup, self.cfg
         phase, step, opt_state, extra = io.load_state(s) if self.resume else (0, 0, None, {})
         self.guard = dict(extra.get("guard", {}))
+        if self.resume:
+            truncate_eval(s, phase, step)
+            if self.ema is not None and "ema" in extra:
+                self.ema.load_state_dict(extra["ema"])
+        self.trackers = Trackers(cfg.report_to, s.run_dir, cfg.to_dict(), s.is_main)
         last: Dict[str, float] = {}
 
         def checkpoint(phase: int, step: int, name: str, optimizer) -> None:
-            io.save_state(s, phase, step, name, optimizer, {"guard": self.guard})
+            state = {"guard": self.guard}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            io.save_state(s, phase, step, name, optimizer, state)
 
         while phase < len(s.phases):
             kind, k = s.phases[phase]
@@ -226,16 +282,19 @@ class Trainer:
                     except NonFiniteError as err:
                         err = err.at(update=step + 1, task=None if k < 0 else k, phase=name)
                         raise DivergedError(f"{err}. {self._last_good()}") from err
+                    if kind == "distill" and self.ema is not None:
+                        self.ema.update()
                     step += 1
                     stats["time_s"] = time.perf_counter() - t0
                     last = stats
-                    io.log(s, {"phase": phase, "phase_name": name, "step": step, "event": "update", **stats})
+                    self._log({"phase": phase, "phase_name": name, "step": step, "event": "update", **stats}, name)
                     bar.update(1)
                     bar.set_postfix({key: f"{val:.4g}" for key, val in stats.items() if key in ("loss", "reward", "grad_norm")})
                     if kind == "distill" and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                         self._eval(phase, step)
                     if kind == "distill" and cfg.sample_every and step % cfg.sample_every == 0 and s.is_main:
-                        io.sample_grid(s, s.run_dir / "samples" / f"step_{step:06d}.png")
+                        with self.ema_weights():
+                            io.sample_grid(s, s.run_dir / "samples" / f"step_{step:06d}.png")
                     for cb in self.callbacks:
                         cb(self, name, step)
                     if self._stop_requested(stop):
@@ -247,8 +306,11 @@ class Trainer:
                     io.save_adapter(s, adapter, s.run_dir / "teachers" / s.tasks[k].name)
                 else:
                     self._eval(phase, step)
-                    if s.is_main:
-                        io.sample_grid(s, s.run_dir / "samples" / "final.png")
+                    with self.ema_weights():
+                        if s.is_main:
+                            io.sample_grid(s, s.run_dir / "samples" / "final.png")
+                        if self.ema is not None:
+                            io.save_adapter(s, STUDENT, s.run_dir / "student_ema")
                     io.save_adapter(s, STUDENT, s.run_dir / "student")
             finally:
                 bar.close()

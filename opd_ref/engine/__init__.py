@@ -22,6 +22,7 @@ from opd_ref.engine.objectives import (
     KL_FORMS,
     METHODS,
     OBJECTIVES,
+    RATIO_FORMS,
     Objective,
     ObjectiveSpec,
     StepInputs,
@@ -46,7 +47,7 @@ from opd_ref.engine.teachers import nft_update
 
 __all__ = [
     "KERNEL_KINDS", "SIGMA_ONE_RULES", "KernelSpec", "StepCoefficients",
-    "KL_FORMS", "METHODS", "OBJECTIVES", "Objective", "ObjectiveSpec", "StepInputs", "StepLoss",
+    "KL_FORMS", "RATIO_FORMS", "METHODS", "OBJECTIVES", "Objective", "ObjectiveSpec", "StepInputs", "StepLoss",
     "group_advantages", "register",
     "LOCAL", "Collective", "Policy", "RolloutBatch", "initial_noise",
     "NonFiniteError", "Trajectory", "Transition", "check_finite", "rollout",

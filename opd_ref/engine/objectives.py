@@ -67,10 +67,14 @@ __all__ = [
     "METHODS",
     "register",
     "KL_FORMS",
+    "RATIO_FORMS",
     "group_advantages",
 ]
 
 KL_FORMS = ("exact", "flowgrpo")
+#: the PPO ratio of ``grpo``: ``exact`` = of the step's density (log-ratio summed over the D dims);
+#: ``flowgrpo`` = Flow-GRPO's code (exp of the log-ratio averaged over dims, i.e. the D-th root)
+RATIO_FORMS = ("exact", "flowgrpo")
 
 
 def _sum_event(t: Tensor) -> Tensor:
@@ -171,6 +175,9 @@ class ObjectiveSpec:
         crd: CRD's mechanisms (:class:`~opd_ref.engine.crd_mechanisms.CRDMechanisms`; ``crd``, D17).
         nft_beta: DiffusionNFT's :math:`\beta > 0` of the implicit velocities (``nft``); ``nft``
             reads ``kl_beta`` as the weight of its anchor :math:`\|v_\theta - v_{ref}\|^2`.
+        ratio_form: ``"exact"`` (:math:`r = \pi_\theta(x')/\pi_{old}(x')`, the log-ratio summed over
+            the :math:`D` dims) or ``"flowgrpo"`` (Flow-GRPO's code: :math:`r = \exp(\frac1D
+            \log\frac{\pi_\theta(x')}{\pi_{old}(x')})`, its log-prob being a mean over dims) (``grpo``).
 
     Reference: ``flowgrpo``, ``diffusionopd``, ``diffusionnft``.
     """
@@ -182,6 +189,7 @@ class ObjectiveSpec:
     crd_beta: float = 1.0
     crd: CRDMechanisms = CRDMechanisms()
     nft_beta: float = 1.0
+    ratio_form: str = "exact"
 
     def __post_init__(self) -> None:
         if not isinstance(self.crd, CRDMechanisms):
@@ -202,6 +210,8 @@ class ObjectiveSpec:
             raise ValueError(f"ObjectiveSpec.nft_beta must be a positive finite float, got {b!r}")
         if self.kl_form not in KL_FORMS:
             raise ValueError(f"ObjectiveSpec.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+        if self.ratio_form not in RATIO_FORMS:
+            raise ValueError(f"ObjectiveSpec.ratio_form must be one of {RATIO_FORMS}, got {self.ratio_form!r}")
 
     @property
     def objective(self) -> "Objective":
@@ -302,7 +312,10 @@ def _vopd(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
 # ------------------------------------------------------------------------------------ RL
 @register("grpo", "rl", ("sde", "cps"), "Flow-GRPO: clipped ratio on group advantages + beta KL to the reference")
 def _grpo(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
-    return _clipped_rl_loss(spec, i, i.log_ratio_old())
+    log_ratio = i.log_ratio_old()
+    if spec.ratio_form == "flowgrpo":  # Flow-GRPO's log-prob is a mean over dims
+        log_ratio = log_ratio / i.v[0].numel()
+    return _clipped_rl_loss(spec, i, log_ratio)
 
 
 def _clipped_rl_loss(spec: ObjectiveSpec, i: StepInputs, log_ratio: Tensor, kl_weight: float = 1.0) -> StepLoss:

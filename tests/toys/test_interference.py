@@ -77,8 +77,11 @@ def test_reduced_interference_run(tmp_path, monkeypatch):
     for k, v in dict(n_updates=1, n_eval=32, batch_size=16, n_evals=1).items():
         monkeypatch.setitem(itf.QUICK, k, v)
     out = itf.run(tmp_path, quick=True, seeds=[0])
-    assert set(out) == {"checks", "figures", "tables", "metrics"}
+    assert set(out) == {"checks", "figures", "tables", "metrics", "reading", "links", "seeds"}
     assert all((tmp_path / f).is_file() for f in out["figures"])
+    # the reading quotes this run's numbers: the interference regime's joint-GRPO mean KL
+    joint = [m["kl"] for m in out["metrics"] if m["regime"] == "interference" and m["method"] == "joint"]
+    assert f"{sum(joint) / len(joint):.3g} for joint GRPO" in out["reading"]
     guard = out["checks"][-1]
     assert guard["passed"], guard  # GRPO-Guard's normalised log-ratio is centred at every step
     tables = "\n".join(out["tables"].values())

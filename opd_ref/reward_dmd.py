@@ -121,9 +121,7 @@ def rdm_reinforce_surrogate(log_prob: Tensor, reward: Tensor, *, normalise: str 
             raise ValueError(f"group_size must be an int >= 2 dividing the batch {B}, got {group_size!r}")
         groups = reward.reshape(-1, group_size)
         if normalise == "mean":
-            # centred in float64 (a float32 difference of rewards of size |r| loses eps |r|), rounded once
-            g64 = groups.double()
-            adv = (g64 - g64.mean(-1, keepdim=True)).reshape(-1).to(reward.dtype)
+            adv = (groups - groups.mean(-1, keepdim=True)).reshape(-1)
         else:
             adv = group_advantages(groups).reshape(-1)
     return -adv * log_prob
@@ -165,9 +163,8 @@ def gaussian_dmd_gradient(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Tens
     Reference: ``rdm``, ``dmd``.
     """
     m, s, mT, sT = (t.double() for t in _gaussian_args(mean, std, mean_T, std_T))
-    # (s/s_T)^2 - 1 as (s - s_T)(s + s_T)/s_T^2: no cancellation when s is close to s_T
     like = promote(mean, std, mean_T, std_T)[0]
-    return _in_float64({"mean": (m - mT) / sT**2, "log_std": (s - sT) * (s + sT) / sT**2}, like)
+    return _in_float64({"mean": (m - mT) / sT**2, "log_std": s**2 / sT**2 - 1.0}, like)
 
 
 def gaussian_dmd_variances(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Tensor) -> Dict[str, Tensor]:
@@ -206,7 +203,7 @@ def gaussian_dmd_variances(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Ten
     mu_r = (a0 + a2).sum() - (a0 + a2)
     v_r = (a1**2 + 2.0 * a2**2).sum() - (a1**2 + 2.0 * a2**2)
     second = (a0**2 + 3.0 * a1**2 + 15.0 * a2**2 + 6.0 * a0 * a2) + 2.0 * (a0 + 3.0 * a2) * mu_r + v_r + mu_r**2
-    return _in_float64({"reinforce": (second - a1**2) / s**2, "pathwise": ((s - sT) * (s + sT) / (sT**2 * s)) ** 2}, like)
+    return _in_float64({"reinforce": (second - a1**2) / s**2, "pathwise": (s / sT**2 - 1.0 / s) ** 2}, like)
 
 
 def _chain_args(a: Tensor, b: Tensor, std: Sequence[float]) -> Tuple[Tensor, Tensor, Tuple[float, ...]]:

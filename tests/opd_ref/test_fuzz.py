@@ -23,7 +23,9 @@ Any other exception, a message that names no argument, a NaN output or a mismatc
 
 The surface includes ``opd_ref.dimo``, ``opd_ref.conformance`` (``opd-check``: its full checks are
 memoised, ``main`` is judged by its exit status, argparse's usage exit 2 counting as a clear error, and an
-``AdapterError`` may name the adapter, ``step``/``kl``) and the validated specs of ``opd_ref.engine``.  The
+``AdapterError`` may name the adapter, ``step``/``kl``), ``opd_ref.reward_dmd`` (D16; RTDMD's chain noise
+at unit magnitude, its contract), ``opd_ref.teachers`` (D18; NFT's reward in [0, 1], edges included) and the
+validated specs of ``opd_ref.engine``.  The
 engine callables that need a Policy, an optimizer or the objective registry are named in ``NOT_FUZZED``
 with the reason (tested in test_engine.py); ``test_every_public_callable_has_a_row`` fails when any
 other public callable has no row.

@@ -43,7 +43,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from opd_ref._checks import check_same_shape, check_tensor
+from opd_ref._checks import check_same_shape, check_tensor, promote
 from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.divergences import gaussian_log_prob
 from opd_ref.engine.objectives import group_advantages
@@ -137,7 +137,13 @@ def _gaussian_args(mean, std, mean_T, std_T) -> Tuple[Tensor, Tensor, Tensor, Te
     for name, t in (("std", args[1]), ("std_T", args[3])):
         if not bool((t > 0).all()):
             raise ValueError(f"{name} must be > 0, got min {float(t.min()):.4g}")
-    return tuple(args)
+    return promote(*args)
+
+
+def _in_float64(out: Dict[str, Tensor], like: Tensor) -> Dict[str, Tensor]:
+    r"""Outputs computed in float64 (the squared ratios of stds overflow float32 already at
+    :math:`s/s_T \sim 10^{19}`), rounded once to the inputs' dtype."""
+    return {k: v.to(like.dtype) for k, v in out.items()}
 
 
 def gaussian_dmd_gradient(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Tensor) -> Dict[str, Tensor]:
@@ -156,8 +162,9 @@ def gaussian_dmd_gradient(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Tens
 
     Reference: ``rdm``, ``dmd``.
     """
-    m, s, mT, sT = _gaussian_args(mean, std, mean_T, std_T)
-    return {"mean": (m - mT) / sT**2, "log_std": s**2 / sT**2 - 1.0}
+    m, s, mT, sT = (t.double() for t in _gaussian_args(mean, std, mean_T, std_T))
+    like = promote(mean, std, mean_T, std_T)[0]
+    return _in_float64({"mean": (m - mT) / sT**2, "log_std": s**2 / sT**2 - 1.0}, like)
 
 
 def gaussian_dmd_variances(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Tensor) -> Dict[str, Tensor]:
@@ -188,20 +195,25 @@ def gaussian_dmd_variances(mean: Tensor, std: Tensor, mean_T: Tensor, std_T: Ten
 
     Reference: ``rdm``, ``dmd``.
     """
-    m, s, mT, sT = _gaussian_args(mean, std, mean_T, std_T)
+    m, s, mT, sT = (t.double() for t in _gaussian_args(mean, std, mean_T, std_T))
+    like = promote(mean, std, mean_T, std_T)[0]
     a0 = torch.log(sT / s) + (m - mT) ** 2 / (2.0 * sT**2)
     a1 = s * (m - mT) / sT**2
     a2 = 0.5 * (s**2 / sT**2 - 1.0)
     mu_r = (a0 + a2).sum() - (a0 + a2)
     v_r = (a1**2 + 2.0 * a2**2).sum() - (a1**2 + 2.0 * a2**2)
     second = (a0**2 + 3.0 * a1**2 + 15.0 * a2**2 + 6.0 * a0 * a2) + 2.0 * (a0 + 3.0 * a2) * mu_r + v_r + mu_r**2
-    return {"reinforce": (second - a1**2) / s**2, "pathwise": (s / sT**2 - 1.0 / s) ** 2}
+    return _in_float64({"reinforce": (second - a1**2) / s**2, "pathwise": (s / sT**2 - 1.0 / s) ** 2}, like)
 
 
 def _chain_args(a: Tensor, b: Tensor, std: Sequence[float]) -> Tuple[Tensor, Tensor, Tuple[float, ...]]:
     a = check_tensor("a", a)
     b = check_tensor("b", b)
     check_same_shape("a", a, "b", b)
+    if isinstance(std, (str, bytes)) or not isinstance(std, (Sequence, Tensor)):
+        raise TypeError(f"std must be a sequence of {a.shape[0]} floats (one per step), got {type(std).__name__}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) for v in std):
+        raise TypeError(f"std must hold floats, got {list(std)!r:.80}")
     std = tuple(float(s) for s in std)
     if len(std) != a.shape[0] or not all(math.isfinite(s) and s >= 0 for s in std):
         raise ValueError(f"std must hold {a.shape[0]} finite stds >= 0 (one per step), got {std}")
@@ -224,6 +236,13 @@ def affine_chain_marginal(a: Tensor, b: Tensor, std: Sequence[float]) -> Tuple[T
     Reference: ``rtdmd``.
     """
     a, b, std = _chain_args(a, b, std)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    # in float64 (the products of N step factors leave the float32 range first), rounded once
+    mu, var = _affine_chain_marginal(a.double(), b.double(), std)
+    return mu.to(dtype), var.to(dtype)
+
+
+def _affine_chain_marginal(a: Tensor, b: Tensor, std: Tuple[float, ...]) -> Tuple[Tensor, Tensor]:
     mu = torch.zeros_like(a[0])
     var = torch.ones_like(a[0])
     for n, s in enumerate(std):
@@ -267,6 +286,15 @@ def rtdmd_surrogate(a: Tensor, b: Tensor, std: Sequence[float], noise: Tensor, r
     noise = check_tensor("noise", noise, min_dim=3)
     if noise.shape[0] != len(std) + 1 or noise.shape[2:] != a.shape[1:]:
         raise ValueError(f"noise must have shape ({len(std) + 1}, B, {tuple(a.shape[1:])}), got {tuple(noise.shape)}")
+    if not callable(reward):
+        raise TypeError(f"reward must be a callable x (B, d) -> (B,), got {type(reward).__name__}")
+    if not isinstance(pathwise_last, bool):
+        raise TypeError(f"pathwise_last must be a bool, got {type(pathwise_last).__name__}")
+    for name, value in (("baseline", baseline), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a finite float, got {type(value).__name__} {value!r:.40}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
     N = len(std)
     if pathwise_last and std[-1] != 0.0:
         raise ValueError(f"pathwise_last needs a deterministic last step (std[-1] = 0), got {std[-1]}")
@@ -274,6 +302,35 @@ def rtdmd_surrogate(a: Tensor, b: Tensor, std: Sequence[float], noise: Tensor, r
         raise ValueError(f"pure REINFORCE needs every step stochastic (std > 0), got {std}")
     if beta < 0 or (beta > 0 and teacher is None):
         raise ValueError(f"beta must be >= 0, with teacher given when > 0; got beta={beta!r}, teacher={teacher!r}")
+    if teacher is not None:
+        if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+            raise TypeError(f"teacher must be a (mean (d,), var (d,)) pair, got {type(teacher).__name__}")
+        m_T = check_tensor("teacher", teacher[0], min_dim=0)
+        v_T = check_tensor("teacher", teacher[1], min_dim=0)
+        for t in (m_T, v_T):
+            if t.shape != a.shape[1:]:
+                raise ValueError(f"teacher's mean and var must have shape {tuple(a.shape[1:])}, got {tuple(t.shape)}")
+        if not bool((v_T > 0).all()):
+            raise ValueError(f"teacher's var must be > 0, got min {float(v_T.min()):.4g}")
+        teacher = (m_T.double(), v_T.double())
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), noise.dtype)
+    # in float64 (log-densities times rewards of large states leave the float32 range, and differ by
+    # terms of that size), rounded once; ``reward`` receives float64 states
+    B = noise.shape[1]
+
+    def checked_reward(x: Tensor) -> Tensor:
+        r = reward(x)
+        if not isinstance(r, Tensor) or r.shape != (B,):
+            raise ValueError(f"reward must return a ({B},) tensor, got {getattr(r, 'shape', type(r).__name__)}")
+        return r
+
+    loss = _rtdmd_surrogate(a.double(), b.double(), std, noise.double(), checked_reward, float(baseline),
+                            pathwise_last, float(beta), teacher)
+    return loss.to(dtype)
+
+
+def _rtdmd_surrogate(a, b, std, noise, reward, baseline, pathwise_last, beta, teacher) -> Tensor:
+    N = len(std)
     x = noise[0]
     log_pi = torch.zeros(noise.shape[1], dtype=a.dtype, device=a.device)
     stochastic = N - 1 if pathwise_last else N
@@ -292,7 +349,7 @@ def rtdmd_surrogate(a: Tensor, b: Tensor, std: Sequence[float], noise: Tensor, r
         x_path = noise[0]
         for n in range(N):
             x_path = a[n] * x_path + b[n] + std[n] * noise[n + 1]
-        mu, var = affine_chain_marginal(a, b, std)
+        mu, var = _affine_chain_marginal(a, b, std)
         m_T, v_T = teacher
         score_fake = -(x_path - mu) / var
         score_real = -(x_path - m_T) / v_T

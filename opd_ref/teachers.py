@@ -59,10 +59,13 @@ Reference: ``diffusionnft``, ``grpoguard``, ``flowgrpo``.
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from opd_ref._checks import check_batch_vector, check_same_shape, check_tensor, promote, sum_event
 
 __all__ = [
     "nft_implicit_velocities",
@@ -74,11 +77,35 @@ __all__ = [
 
 
 def _sum_event(t: Tensor) -> Tensor:
-    return t.flatten(1).sum(1)
+    return sum_event(t)
 
 
 def _r_column(r: Tensor, like: Tensor) -> Tensor:
     return r.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _check_float(name: str, value: object, *, positive: bool = False, nonzero: bool = False) -> float:
+    """A finite Python number (not a bool); ``> 0`` or ``!= 0`` where asked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r:.40}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0) or (nonzero and value == 0):
+        want = "> 0" if positive else "!= 0" if nonzero else "finite"
+        raise ValueError(f"{name} must be a finite float {want}, got {value!r}")
+    return value
+
+
+def _check_fields(**named: Tensor) -> Tuple[Tensor, ...]:
+    """Finite floating ``(B, *event)`` tensors of one shape, cast to their common dtype."""
+    items = list(named.items())
+    out = [check_tensor(n, t) for n, t in items]
+    for (n, _), t in zip(items[1:], out[1:]):
+        check_same_shape(items[0][0], out[0], n, t)
+    return promote(*out)
+
+
+def _check_r(name: str, r: object, like: Tensor) -> Tensor:
+    return check_batch_vector(name, r, like.shape[0])
 
 
 def nft_implicit_velocities(v_theta: Tensor, v_old: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
@@ -96,6 +123,11 @@ def nft_implicit_velocities(v_theta: Tensor, v_old: Tensor, beta: float) -> Tupl
 
     Reference: ``diffusionnft``.
     """
+    v_theta, v_old = _check_fields(v_theta=v_theta, v_old=v_old)
+    return _nft_implicit_velocities(v_theta, v_old, _check_float("beta", beta, positive=True))
+
+
+def _nft_implicit_velocities(v_theta: Tensor, v_old: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
     d = v_theta - v_old
     return v_old + beta * d, v_old - beta * d
 
@@ -117,9 +149,21 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: 
 
     Reference: ``diffusionnft``.
     """
-    v_plus, v_minus = nft_implicit_velocities(v_theta, v_old, beta)
+    v_theta, v_old, v_target = _check_fields(v_theta=v_theta, v_old=v_old, v_target=v_target)
+    r = _check_r("r", r, v_theta)
+    return _nft_loss(v_theta, v_old, v_target, r, _check_float("beta", beta, positive=True))
+
+
+def _nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: float) -> Tensor:
+    """:func:`nft_loss` unchecked (the engine's ``nft`` objective, its inputs validated by its specs)."""
+    v_plus, v_minus = _nft_implicit_velocities(v_theta, v_old, beta)
     rc = r.to(v_theta.dtype)
-    return rc * _sum_event((v_plus - v_target).pow(2)) + (1 - rc) * _sum_event((v_minus - v_target).pow(2))
+    return _weighted(rc, _sum_event((v_plus - v_target).pow(2))) + _weighted(1 - rc, _sum_event((v_minus - v_target).pow(2)))
+
+
+def _weighted(w: Tensor, sq: Tensor) -> Tensor:
+    """``w * sq``, exactly 0 where ``w = 0`` (r = 0 or 1 is NFT's usual edge; ``0 * inf`` would be NaN)."""
+    return torch.where(w == 0, torch.zeros_like(sq), w * sq)
 
 
 def nft_regression_target(v_old: Tensor, v_target: Tensor, r: Tensor, beta: float) -> Tensor:
@@ -137,6 +181,9 @@ def nft_regression_target(v_old: Tensor, v_target: Tensor, r: Tensor, beta: floa
 
     Reference: ``diffusionnft``.
     """
+    v_old, v_target = _check_fields(v_old=v_old, v_target=v_target)
+    r = _check_r("r", r, v_old)
+    beta = _check_float("beta", beta, positive=True)
     return v_old + (2 * _r_column(r, v_old) - 1) * (v_target - v_old) / beta
 
 
@@ -157,6 +204,9 @@ def nft_optimum(v_old: Tensor, r_mean: Tensor, ru_mean: Tensor, beta: float) -> 
 
     Reference: ``diffusionnft`` (optimal policy of the NFT objective).
     """
+    v_old, ru_mean = _check_fields(v_old=v_old, ru_mean=ru_mean)
+    r_mean = _check_r("r_mean", r_mean, v_old)
+    beta = _check_float("beta", beta, positive=True)
     return v_old + (2.0 / beta) * (ru_mean - _r_column(r_mean, v_old) * v_old)
 
 
@@ -179,7 +229,22 @@ def guard_log_ratio(gap_old: Tensor, noise: Tensor, std: float, c_v: float) -> T
 
     Reference: ``grpoguard``, ``flowgrpo``.
     """
+    gap_old, noise = _check_fields(gap_old=gap_old, noise=noise)
+    std = _check_float("std", std, positive=True)
+    return _guard_log_ratio(gap_old, noise, std, _check_float("c_v", c_v, nonzero=True))
+
+
+def _guard_log_ratio(gap_old: Tensor, noise: Tensor, std: float, c_v: float) -> Tensor:
+    r""":func:`guard_log_ratio` unchecked (the engine's ``grpo_guard`` objective).
+
+    Evaluated without the cancellation of :math:`-\|\Delta\|^2 + \mathrm{sg}\|\Delta\|^2` (which in
+    float32 loses every digit of :math:`\Delta^\top\varepsilon / s` once :math:`\|\Delta\| \gg s\|\varepsilon\|`):
+    the value :math:`\kappa\,\Delta^\top\varepsilon/s` plus :math:`-\kappa\langle\Delta - \mathrm{sg}\Delta,
+    \mathrm{sg}\Delta\rangle / s^2`, exactly 0 in value, which carries the gradient
+    :math:`-\kappa\Delta/s^2` of :math:`-\|\Delta\|^2/(2s^2)`.
+    """
     d = gap_old
-    raw = _sum_event(d * (2.0 * std * noise - d)) / (2.0 * std**2)
-    shift = _sum_event(d.detach().pow(2)) / (2.0 * std**2)
-    return (std / abs(c_v)) * (raw + shift)
+    d0 = d.detach()
+    value = _sum_event(d * noise) / std
+    grad_of_shift = _sum_event((d - d0) * d0) / std**2
+    return (std / abs(c_v)) * (value - grad_of_shift)

@@ -56,7 +56,7 @@ from opd_ref.distribution_matching import distribution_matching_surrogate
 from opd_ref.engine.crd_mechanisms import CRDMechanisms
 from opd_ref.engine.kernel import StepCoefficients
 from opd_ref.losses import clipped_surrogate
-from opd_ref.teachers import guard_log_ratio, nft_loss
+from opd_ref.teachers import _guard_log_ratio, _nft_loss
 
 __all__ = [
     "StepInputs",
@@ -383,12 +383,12 @@ def _grpo_guard(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
     # the step's reweighting kappa = s / |c_v| also multiplies its KL term: the whole step gradient is
     # kappa times Flow-GRPO's at theta_old (the balance reward / KL of each step is kept)
     kappa = i.s / abs(i.coef.c_v)
-    return _clipped_rl_loss(spec, i, guard_log_ratio(i.gap_old(), i.noise, i.s, i.coef.c_v), kappa)
+    return _clipped_rl_loss(spec, i, _guard_log_ratio(i.gap_old(), i.noise, i.s, i.coef.c_v), kappa)
 
 
 @register("nft", "nft", ("sde", "cps", "ode"), "DiffusionNFT on a forward-noised sample (+ kl_beta ||v - v_ref||^2)")
 def _nft(spec: ObjectiveSpec, i: StepInputs) -> StepLoss:
-    loss = nft_loss(i.v, i.v_old, i.v_target, i.advantage, spec.nft_beta)
+    loss = _nft_loss(i.v, i.v_old, i.v_target, i.advantage, spec.nft_beta)
     stats = {"nft": loss.detach()}
     if spec.kl_beta > 0:
         anchor = _sum_event((i.v - i.v_ref).pow(2))

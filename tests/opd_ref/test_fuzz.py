@@ -23,7 +23,9 @@ Any other exception, a message that names no argument, a NaN output or a mismatc
 
 The surface includes ``opd_ref.dimo``, ``opd_ref.conformance`` (``opd-check``: its full checks are
 memoised, ``main`` is judged by its exit status, argparse's usage exit 2 counting as a clear error, and an
-``AdapterError`` may name the adapter, ``step``/``kl``) and the validated specs of ``opd_ref.engine``.  The
+``AdapterError`` may name the adapter, ``step``/``kl``), ``opd_ref.reward_dmd`` (D16; RTDMD's chain noise
+at unit magnitude, its contract), ``opd_ref.teachers`` (D18; NFT's reward in [0, 1], edges included) and the
+validated specs of ``opd_ref.engine``.  The
 engine callables that need a Policy, an optimizer or the objective registry are named in ``NOT_FUZZED``
 with the reason (tested in test_engine.py); ``test_every_public_callable_has_a_row`` fails when any
 other public callable has no row.
@@ -58,15 +60,14 @@ from hypothesis import strategies as st
 
 import opd_ref
 from opd_ref import bregman, chains, conformance, crd, engine, distribution_matching, divergences, elbo, estimators, gopd, kernels, losses, tilting
-from opd_ref import discriminator, reward_bregman
+from opd_ref import discriminator, reward_bregman, reward_dmd, teachers
 from opd_ref.kernels import GaussianStep
 
 F32, F64 = torch.float32, torch.float64
 RTOL = 1e-4
-# opd_ref.reward_dmd (D16) is not fuzzed yet: its Gaussian closed forms square log-ratios, so rows need
-# magnitude-dependent scales; opd_ref.teachers (D18) is the unchecked maths behind the engine's grpo_guard /
-# nft objectives (validated in ObjectiveSpec / UpdateSpec, tested in test_teachers.py); each needs its own rows
-EXCLUDED_MODULES: Tuple[str, ...] = ("opd_ref.reward_dmd", "opd_ref.teachers")
+# every public module is fuzzed (reward_dmd and teachers included); a module may be excluded here only
+# with the reason
+EXCLUDED_MODULES: Tuple[str, ...] = ()
 # opd_ref.engine validates once, in its specs (fuzzed below), and its hot loop takes those specs and a
 # Policy unchecked; these callables need a Policy, a registry or an optimizer and are tested in
 # test_engine.py instead (named, with the reason; any other public callable must have a row)
@@ -185,6 +186,35 @@ def _grads_case(g):
         return ((w * theta).sum(1) ** 2,), {"params": [theta]}
 
     return Lazy(make)
+
+
+def _reward_quadratic(x):
+    """A smooth reward on x (N... , d) (dtype-following), for rtdmd_surrogate."""
+    return -(x - 0.5).pow(2).sum(-1) + 0.1 * torch.sin(x).sum(-1)
+
+
+def _rtdmd_case(g):
+    N, d = g.pick([2, 3, 1], "N"), g.pick([2, 1], "d")
+    pathwise_last = g.pick([True, False], "pathwise_last")
+    std = [g.pick([0.5, 1e-3, 1.0, 2.0], "step_std") for _ in range(N)]
+    if pathwise_last:
+        std[-1] = 0.0
+    beta = g.pick([0.0, 0.5, 2.0], "beta")
+    teacher = (g.t(d, mag=1.0), g.t(d, positive=True, mag=1.0)) if beta > 0 or g.pick([False, True], "teacher") else None
+    # noise is the standard normal draw of the chain (its contract), so unit magnitude
+    return ((g.t(N, d), g.t(N, d), std, g.t(N + 1, g.B, d, mag=1.0), _reward_quadratic),
+            {"baseline": g.pick([0.0, 1.5, -1e3], "baseline"), "pathwise_last": pathwise_last, "beta": beta,
+             "teacher": teacher})
+
+
+def _gaussian_pair(g):
+    d = g.pick([2, 3, 1], "d")
+    return (g.t(d), g.t(d, positive=True), g.t(d), g.t(d, positive=True)), {}
+
+
+def _unit_r(g):
+    """NFT's normalised reward in [0, 1] (its edges included)."""
+    return g.pick([g.vec(mag=1.0).abs().clamp(max=1.0), torch.ones(g.B, dtype=F64), torch.zeros(g.B, dtype=F64)], "r")
 
 
 def _logits(g, L, V, mag=None):
@@ -325,6 +355,22 @@ ROWS: Dict[str, Callable[[Gen], Any]] = {
     "normalized_reward_log_ratio": lambda g: ((g.state(), g.pick([0.5, 1e-3, 1e3], "beta"), g.pick([0.0, 1.5], "log_z")), {}),
     "reward_bregman_generator_surrogate": lambda g: ((g.state(), g.state(), g.state(), g.vec(mag=1.0), g.vec(mag=1.0),
                                                       g.state(), g.pick(sorted(bregman.H_FAMILY), "h")), {}),
+    # reward_dmd (D16): R_dm's reward, REINFORCE, the Gaussian closed forms, RTDMD's surrogate
+    "dmd_reward": lambda g: ((g.vec(), g.vec()), {}),
+    "rdm_reinforce_surrogate": lambda g: ((g.vec(), g.vec()), {"normalise": g.pick(list(reward_dmd.NORMALISATIONS), "normalise"),
+                                                               "group_size": g.pick([2, 3, None], "group_size")}),
+    "gaussian_dmd_gradient": _gaussian_pair,
+    "gaussian_dmd_variances": _gaussian_pair,
+    "affine_chain_marginal": lambda g: (lambda N, d: ((g.t(N, d), g.t(N, d), [g.pick([0.5, 0.0, 1e-3, 2.0], "step_std") for _ in range(N)]),
+                                                      {}))(g.pick([2, 3, 1], "N"), g.pick([2, 1], "d")),
+    "rtdmd_surrogate": _rtdmd_case,
+    # teachers (D18): DiffusionNFT, GRPO-Guard
+    "nft_implicit_velocities": lambda g: ((g.state(), g.state(), g.pick([1.0, 0.1, 10.0, 1e-3], "beta")), {}),
+    "nft_loss": lambda g: ((g.state(), g.state(), g.state(), _unit_r(g), g.pick([1.0, 0.1, 10.0, 1e-3], "beta")), {}),
+    "nft_regression_target": lambda g: ((g.state(), g.state(), _unit_r(g), g.pick([1.0, 0.1, 10.0, 1e-3], "beta")), {}),
+    "nft_optimum": lambda g: ((g.state(), g.vec(), g.state(), g.pick([1.0, 0.1, 10.0, 1e-3], "beta")), {}),
+    "guard_log_ratio": lambda g: ((g.state(), g.state(mag=1.0), g.pick([0.5, 1e-3, 1.0, 1e3], "std"),
+                                   g.pick([0.5, -0.1, 1e-3, 2.0], "c_v")), {}),
     # bregman
     "BregmanH": lambda g: (("kl", "text", bregman.KL.h, bregman.KL.h_prime, bregman.KL.grad_weight), {}),
     "get_h": lambda g: ((g.pick(sorted(bregman.H_FAMILY) + [bregman.KL], "h"),), {}),
@@ -759,6 +805,10 @@ GRAD_ROWS: Dict[str, Tuple[str, ...]] = {
     "generalized_jeffrey": ("teacher_logits", "psi_logits"),
     "dimo_generator_surrogate": ("generator_logits", "teacher_logits", "psi_logits"),
     "dimo_psi_loss": ("psi_logits", "target"),
+    "rdm_reinforce_surrogate": ("log_prob",),
+    "rtdmd_surrogate": ("a", "b"),
+    "nft_loss": ("v_theta",),
+    "guard_log_ratio": ("gap_old",),
 }
 
 

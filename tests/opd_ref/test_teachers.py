@@ -291,6 +291,38 @@ def test_nft_update_validation():
         ObjectiveSpec("nft", nft_beta=0.0)
 
 
+def test_guard_log_ratio_float32_has_no_cancellation_for_large_gaps():
+    # |Delta| = 1e4 >> s |eps| = 1e-3: the written-out -|D|^2 + sg|D|^2 (each 1e8/s^2 = 1e14) cancels every
+    # float32 digit of Delta^T eps / s; the oracle is kappa Delta^T eps / s in float64, with the gradient
+    # kappa (eps / s - Delta / s^2) (derivative of the D18 formula, written anew)
+    gen = torch.Generator().manual_seed(3)
+    d64 = 1e4 * torch.randn(4, 3, generator=gen, dtype=DT)
+    eps64 = torch.randn(4, 3, generator=gen, dtype=DT)
+    d64, eps64 = d64.float().double(), eps64.float().double()
+    s, c_v = 1e-3, 0.5
+    d32 = d64.float().requires_grad_(True)
+    out = guard_log_ratio(d32, eps64.float(), s, c_v)
+    want = (s / c_v) * (d64 * eps64).sum(1) / s
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(out.sum(), d32)
+    torch.testing.assert_close(grad.double(), (s / c_v) * (eps64 / s - d64 / s**2), rtol=1e-5, atol=0)
+
+
+def test_nft_loss_at_reward_edges_is_the_one_term_even_when_the_other_overflows():
+    # r = 1 keeps only ||v+ - u||^2; the (1 - r) term overflows float32 here (1e40), and 0 * inf would be NaN
+    v_old = torch.zeros(2, 2)
+    v = torch.full((2, 2), 1e20)
+    u = torch.full((2, 2), 1e20)  # v+ = v_old + (v - v_old) = u exactly (beta = 1), v- - u = -2e20
+    out = nft_loss(v, v_old, u, torch.tensor([1.0, 0.0]), 1.0)
+    assert out[0] == 0.0 and out[1] == math.inf, out
+    with pytest.raises(ValueError, match="r must have shape"):
+        nft_loss(v, v_old, u, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        nft_loss(v, v_old, u, torch.ones(2), float("nan"))
+    with pytest.raises(ValueError, match="c_v"):
+        guard_log_ratio(v, u, 1.0, 0.0)
+
+
 # ------------------------------------------------------------------------ round robin over K teachers
 @pytest.mark.parametrize("K", [2, 3])
 def test_round_robin_over_k_teachers_is_the_gradient_of_the_task_average(K):

@@ -315,8 +315,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     old_format, warnings.formatwarning = warnings.formatwarning, _warning
+    from scale.versions import DependencyVersionError
+
     try:
         return _run(args)
+    except DependencyVersionError as err:  # a library of the scale extra below its floor
+        print(f"opd-scale: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ImportError, RuntimeError) as err:  # re-raised unless an optional dependency is missing
         from opd_ref._extras import report_missing_extra
 

@@ -53,9 +53,13 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
             available locally.
         ValueError: the directory is not a diffusers pipeline, or not an SD3 one; ``dtype`` is not a
             floating dtype.
+        scale.versions.DependencyVersionError: diffusers or transformers older than the suite's floor.
 
     Reference: ``flowgrpo``, ``diffusionopd`` (SD3.5-Medium).
     """
+    from scale.versions import check_versions
+
+    check_versions()
     from diffusers import StableDiffusion3Pipeline
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -168,10 +168,9 @@ def resolve_run_flags(args: argparse.Namespace) -> Optional[dict]:
     """
     run_cfg = None
     if args.run is not None:
-        path = Path(args.run) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--run {args.run!r}: {str(path)!r} does not exist (not a run directory)")
-        run_cfg = json.loads(path.read_text())
+        from scale.eval import run_config_file
+
+        run_cfg = json.loads(run_config_file(args.run).read_text())
     for dest, (key, _, default, _) in RUN_FLAGS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, run_cfg[key] if run_cfg is not None and key in run_cfg else default)

@@ -161,10 +161,19 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()):
     """
     from scale.config import load_config
 
+    return load_config(run_config_file(run_dir), overrides)
+
+
+def run_config_file(run_dir: str | Path) -> Path:
+    """``RUN/config.json`` of a training run (what ``sample --run`` and ``eval --run`` read).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.json`` (not a run directory).
+    """
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--run: no run in {str(run_dir)!r} (no config.json)")
-    return load_config(path, overrides)
+        raise FileNotFoundError(f"--run {str(run_dir)!r}: {str(path)!r} does not exist (not a run directory)")
+    return path
 
 
 def _next_dir(root: Path) -> Path:

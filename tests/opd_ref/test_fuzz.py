@@ -777,6 +777,9 @@ def test_fuzz_public_callable(name, data):
     except Exception as err:  # any other exception type is an obscure internal error
         COUNTS["silent_or_obscure"] += 1
         raise Failure(f"{name}: obscure {type(err).__name__}: {err}") from err
+    # _run has already compared the value with its float64 reference, or checked that the error is a
+    # ValueError/TypeError naming the argument; here: nothing else came back
+    assert outcome in ("value", "clear_error"), (name, outcome)
     COUNTS[outcome] += 1
 
 
